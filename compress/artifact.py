@@ -38,6 +38,13 @@ class Artifact:
         """The model this stage produced, if it produced one."""
         return self.path / "model" if self.path is not None and (self.path / "model").is_dir() else None
 
+    def reference(self) -> dict:
+        """The current teacher (folder, accuracy, predictions) that retention is measured against."""
+        ref = self.metrics().get("reference")
+        if ref is None:
+            raise RuntimeError(f"{self.path} carries no reference teacher: the pipeline must start with `evaluate`")
+        return {**ref, "teacher": str((self.path / ref["teacher"]).resolve())}
+
     def metrics(self) -> dict:
         return json.loads((self.path / "metrics.json").read_text()) if self.path else {}
 

@@ -23,24 +23,24 @@ def _quiet() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     warnings.filterwarnings("ignore", category=UserWarning)
     warnings.filterwarnings("ignore", category=FutureWarning)
+    import logging
+
     import transformers
 
     transformers.logging.set_verbosity_error()
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # "failed to fetch a CPU kernel from the hub"
 
 
 def cmd_run(args) -> int:
     from omegaconf import OmegaConf
 
     from compress.config import load_config
-    from compress.data import load_splits
-    from compress.pipeline import run_pipeline
-    from compress.validate import validate
+    from compress.pipeline import preflight, run_pipeline
 
     cfg = load_config(args.overrides)
     if cfg.run.name is None:
         OmegaConf.update(cfg, "run.name", time.strftime("%Y%m%d-%H%M%S"))
-    validate(cfg)
-    load_splits(cfg.data)  # bad data fails here, before any stage starts
+    preflight(cfg)  # bad config or data fails here, before any stage starts
     if args.dry_run:
         out.print(OmegaConf.to_yaml(cfg))
         return 0

@@ -22,6 +22,8 @@ from compress.artifact import Artifact, finish, is_done, versions
 from compress.console import out, say
 from compress.hub import text_hash
 from compress.stages import evaluate
+from students import distill
+from teachers import finetune
 
 
 @dataclass(frozen=True)
@@ -37,7 +39,23 @@ class Stage:
 STAGES: dict[str, Stage] = {s.name: s for s in [
     Stage("evaluate", evaluate.run, ("teacher", "student", "data", "eval", "run.seed"),
           "score teacher and student as they are: accuracy, agreement, perplexity, latency, size, memory"),
+    Stage("finetune_teacher", finetune.run, ("teacher", "data", "finetune", "trainer", "eval", "run.seed"),
+          "QLoRA / LoRA / full fine-tuning of the teacher (Lightning); adapter + merged teacher, evaluated"),
+    Stage("distill", distill.run, ("teacher", "student", "data", "distill", "trainer", "eval", "run.seed"),
+          "soft-label + pseudo-label distillation into the student (Lightning), evaluated"),
 ]}
+
+
+def preflight(cfg) -> None:
+    """Every check that can fail before a stage starts: config, data, and what the stages need."""
+    from compress.data import load_splits
+    from compress.validate import validate
+    from teachers.loading import pick_device
+
+    validate(cfg)
+    load_splits(cfg.data)
+    if "finetune_teacher" in cfg.pipeline.stages and cfg.teacher.method == "qlora":
+        finetune.check_4bit(pick_device(cfg.teacher.device))
 
 
 def run_dir(cfg) -> Path:

@@ -70,6 +70,46 @@ class ModelConfig:
 
 
 @dataclass
+class LoraSettings:
+    """LoRA adapter shape (peft)."""
+
+    r: int = 16
+    """Rank of the update matrices."""
+    alpha: int = 32
+    """Scaling numerator: the update is scaled by alpha / r."""
+    dropout: float = 0.05
+    """Dropout on the adapter's input."""
+    target_modules: Optional[List[str]] = None
+    """Module names to adapt; None means every linear projection of the architecture."""
+
+
+@dataclass
+class QuantSettings:
+    """4-bit quantization of the frozen base for QLoRA (bitsandbytes)."""
+
+    quant_type: str = "nf4"
+    """nf4 (NormalFloat4, as in QLoRA) or fp4."""
+    double_quant: bool = True
+    """Quantize the quantization constants too (saves about 0.4 bit per parameter)."""
+    compute_dtype: str = "auto"
+    """dtype of the 4-bit matmuls: auto (bf16 on GPU, fp32 on CPU), float32 or bfloat16."""
+
+
+@dataclass
+class TeacherConfig(ModelConfig):
+    """A teacher and how `finetune_teacher` adapts it."""
+
+    method: str = "qlora"
+    """qlora (4-bit NF4 base + LoRA), lora (LoRA on the full-precision base) or full."""
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    """Adapter settings for qlora and lora."""
+    quant: QuantSettings = field(default_factory=QuantSettings)
+    """4-bit settings for qlora."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass: less memory, about 30% more time."""
+
+
+@dataclass
 class StudentConfig(ModelConfig):
     """A student: a model of its own (`hub_id`/`path`/`random`) or layers of the teacher."""
 
@@ -154,6 +194,98 @@ class EvalConfig:
 
 
 @dataclass
+class OptimConfig:
+    """Optimisation of a training stage."""
+
+    max_steps: int = 100
+    """Optimizer steps."""
+    batch_size: int = 8
+    """Examples per micro-batch."""
+    grad_accum: int = 1
+    """Micro-batches per optimizer step (effective batch = batch_size * grad_accum * devices)."""
+    lr: float = 1e-4
+    """Peak learning rate (AdamW)."""
+    schedule: str = "cosine"
+    """cosine, linear or constant decay after the warm-up."""
+    warmup_steps: int = 10
+    """Linear warm-up steps."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    max_grad_norm: float = 1.0
+    """Gradient clipping norm (0 disables)."""
+    val_every: int = 0
+    """Validation loss every N steps on `val_size` held-out train examples (0 disables)."""
+    val_size: int = 64
+    """Train examples held out for validation when `val_every` > 0."""
+    max_length: int = 256
+    """Longest training sequence in tokens (prompt + answer); longer prompts are cut from the left."""
+
+
+@dataclass
+class FinetuneConfig(OptimConfig):
+    """`finetune_teacher`: supervised fine-tuning of the teacher on the train split."""
+
+    name: str = "default"
+    """Preset name (`finetune=NAME`)."""
+    description: str = ""
+    """One line shown by `compress presets`."""
+
+
+@dataclass
+class DistillConfig(OptimConfig):
+    """`distill`: loss = soft_weight * KD_T + pseudo_weight * CE(pseudo) + hard_weight * CE(labels)."""
+
+    name: str = "default"
+    """Preset name (`distill=NAME`)."""
+    description: str = ""
+    """One line shown by `compress presets`."""
+    soft_weight: float = 1.0
+    """Weight of the soft-label term (divergence to the teacher's temperature-scaled distribution)."""
+    pseudo_weight: float = 1.0
+    """Weight of cross-entropy on the teacher's own answers for the `unlabeled` split."""
+    hard_weight: float = 0.0
+    """Weight of cross-entropy on the gold labels of the `train` split."""
+    temperature: float = 2.0
+    """Softmax temperature of the soft-label term (> 0); the term is scaled by T^2."""
+    divergence: str = "forward_kl"
+    """forward_kl, reverse_kl or jsd (generalized JSD with `jsd_beta`)."""
+    jsd_beta: float = 0.5
+    """Mixture weight of the generalized JSD, in (0, 1)."""
+    soft_on: str = "all"
+    """Positions of the soft-label term: all (every prompt and answer token) or answer."""
+    topk_cache: int = 0
+    """If K > 0, compute the teacher's top-K log-probs once into the artifact and train from them."""
+    pseudo_max_new_tokens: int = 32
+    """Token limit of the teacher's greedy pseudo-label for tasks without verbalizers (data=text)."""
+
+
+@dataclass
+class TrainerConfig:
+    """Lightning Trainer settings shared by the training stages."""
+
+    name: str = "cpu"
+    """Preset name (`trainer=NAME`)."""
+    description: str = ""
+    """One line shown by `compress presets`."""
+    accelerator: str = "auto"
+    """auto, cpu or gpu."""
+    devices: str = "1"
+    """Devices per node: a count, a list such as [0,1], or auto."""
+    strategy: str = "auto"
+    """auto, ddp, fsdp or deepspeed."""
+    num_nodes: int = 1
+    """Machines taking part."""
+    precision: str = "auto"
+    """auto (bf16-mixed on a bf16 GPU, else 32-true) or any Lightning precision string."""
+    checkpoint_every: int = 50
+    """Save a Lightning checkpoint every N optimizer steps (trainable weights only)."""
+    log_every: int = 5
+    """Log losses every N steps."""
+    progress_bar: bool = True
+    """Show Lightning's progress bar."""
+
+
+@dataclass
 class PipelineConfig:
     """Which stages run, in order."""
 
@@ -182,14 +314,17 @@ class Config:
     """The whole job: `compress run` composes this from configs/ and the overrides."""
 
     run: RunConfig = field(default_factory=RunConfig)
-    teacher: ModelConfig = MISSING
+    teacher: TeacherConfig = MISSING
     student: StudentConfig = MISSING
     data: DataConfig = MISSING
     eval: EvalConfig = MISSING
+    finetune: FinetuneConfig = MISSING
+    distill: DistillConfig = MISSING
+    trainer: TrainerConfig = MISSING
     pipeline: PipelineConfig = MISSING
 
 
-GROUPS = ("teacher", "student", "data", "eval", "pipeline")
+GROUPS = ("teacher", "student", "data", "eval", "finetune", "distill", "trainer", "pipeline")
 """Config groups, in the order `compress presets` lists them."""
 
 

@@ -4,10 +4,15 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import torch
+
 from compress.errors import Problem, raise_if
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 FORMATS = ("rotten_tomatoes", "bigbench", "jsonl", "csv", "text")
+SCHEDULES = ("cosine", "linear", "constant")
+DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
+METHODS = ("qlora", "lora", "full")
 
 
 def validate(cfg) -> None:
@@ -38,6 +43,7 @@ def validate(cfg) -> None:
         problems.append(Problem("pipeline.stages", list(cfg.pipeline.stages),
                                 f"unknown or no stages; stages are: {', '.join(STAGES)}"))
     problems += _run_name(cfg.run.name)
+    problems += _training(cfg)
     raise_if(problems, "invalid configuration")
 
 
@@ -63,6 +69,9 @@ def _model(m, role: str) -> list[Problem]:
         problems.append(Problem(f"{role}.dtype", m.dtype, f"choose one of: {', '.join(DTYPES)}"))
     if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", m.device):
         problems.append(Problem(f"{role}.device", m.device, "choose auto, cpu, cuda or cuda:N"))
+    elif m.device.startswith("cuda") and not torch.cuda.is_available():
+        problems.append(Problem(f"{role}.device", m.device, "CUDA is not available on this machine; "
+                                "use auto or cpu"))
     if m.random is not None:
         r = m.random
         for k in ("num_layers", "hidden_size", "num_heads", "num_kv_heads", "intermediate_size", "max_positions"):
@@ -82,3 +91,57 @@ def _run_name(name) -> list[Problem]:
         return [Problem("run.name", name, "use letters, digits, '.', '_' and '-' only (no '/' or '..'): "
                                           "the run folder must stay inside run.root")]
     return []
+
+
+def _training(cfg) -> list[Problem]:
+    problems = []
+    for section in ("finetune", "distill"):
+        o = cfg[section]
+        problems += _positive(cfg, [f"{section}.{k}" for k in ("max_steps", "batch_size", "grad_accum",
+                                                               "max_length")], strict=True)
+        problems += _positive(cfg, [f"{section}.{k}" for k in ("warmup_steps", "val_every", "val_size")], strict=False)
+        if not o.lr > 0:
+            problems.append(Problem(f"{section}.lr", o.lr, "must be > 0, e.g. 1e-4"))
+        if o.schedule not in SCHEDULES:
+            problems.append(Problem(f"{section}.schedule", o.schedule, f"choose one of: {', '.join(SCHEDULES)}"))
+        if o.weight_decay < 0 or o.max_grad_norm < 0:
+            problems.append(Problem(f"{section}.weight_decay", o.weight_decay, "weight_decay and max_grad_norm must be >= 0"))
+    d, t = cfg.distill, cfg.teacher
+    if not d.temperature > 0:
+        problems.append(Problem("distill.temperature", d.temperature, "must be > 0 (1 = the plain distribution, "
+                                "2 is a common choice)"))
+    weights = {k: d[k] for k in ("soft_weight", "pseudo_weight", "hard_weight")}
+    for k, v in weights.items():
+        if v < 0:
+            problems.append(Problem(f"distill.{k}", v, "must be >= 0"))
+    if all(v == 0 for v in weights.values()):
+        problems.append(Problem("distill.soft_weight", 0, "soft_weight, pseudo_weight and hard_weight are all 0, "
+                                "so the student would learn nothing; set at least one > 0"))
+    if d.divergence not in DIVERGENCES:
+        problems.append(Problem("distill.divergence", d.divergence, f"choose one of: {', '.join(DIVERGENCES)}"))
+    if not 0 < d.jsd_beta < 1:
+        problems.append(Problem("distill.jsd_beta", d.jsd_beta, "must be in (0, 1)"))
+    if d.soft_on not in ("all", "answer"):
+        problems.append(Problem("distill.soft_on", d.soft_on, "choose all or answer"))
+    if d.topk_cache < 0:
+        problems.append(Problem("distill.topk_cache", d.topk_cache, "must be >= 0 (0 = teacher on the fly)"))
+    elif d.topk_cache > 0 and d.divergence != "forward_kl":
+        problems.append(Problem("distill.topk_cache", d.topk_cache, "the top-K cache supports "
+                                "distill.divergence=forward_kl only; set topk_cache=0 for reverse_kl or jsd"))
+    if t.method not in METHODS:
+        problems.append(Problem("teacher.method", t.method, f"choose one of: {', '.join(METHODS)}"))
+    if t.lora.r < 1 or t.lora.alpha <= 0:
+        problems.append(Problem("teacher.lora.r", t.lora.r, "r must be >= 1 and alpha > 0"))
+    if not 0 <= t.lora.dropout < 1:
+        problems.append(Problem("teacher.lora.dropout", t.lora.dropout, "must be in [0, 1)"))
+    if t.quant.quant_type not in ("nf4", "fp4"):
+        problems.append(Problem("teacher.quant.quant_type", t.quant.quant_type, "choose nf4 or fp4"))
+    if t.quant.compute_dtype not in ("auto", "float32", "bfloat16", "float16"):
+        problems.append(Problem("teacher.quant.compute_dtype", t.quant.compute_dtype,
+                                "choose auto, float32, bfloat16 or float16"))
+    if cfg.trainer.checkpoint_every < 1 or cfg.trainer.log_every < 1:
+        problems.append(Problem("trainer.checkpoint_every", cfg.trainer.checkpoint_every,
+                                "checkpoint_every and log_every must be >= 1"))
+    if cfg.trainer.num_nodes < 1:
+        problems.append(Problem("trainer.num_nodes", cfg.trainer.num_nodes, "must be >= 1"))
+    return problems

@@ -10,10 +10,14 @@ from compress.hub import build_once, cache_root, text_hash
 from teachers import loading
 
 
-def resolve(cfg, teacher_dir: Path) -> Path:
-    """A local folder holding the student `cfg` describes (built from `teacher_dir` if derived)."""
+def resolve(cfg, teacher_dir: Path, dest: Path | None = None) -> Path:
+    """A local folder holding the student `cfg` describes.
+
+    A student derived from the teacher is built into `dest`, or when `dest` is None into
+    the cache (keyed by the teacher folder and the kept layers).
+    """
     if cfg.from_teacher and not cfg.path:
-        return derive_from_teacher(teacher_dir, cfg)
+        return derive_from_teacher(teacher_dir, cfg, dest)
     return loading.resolve(cfg, "student")
 
 
@@ -27,7 +31,7 @@ def kept_layers(cfg, num_layers: int) -> list[int]:
     return sorted(layers)
 
 
-def derive_from_teacher(teacher_dir: Path, cfg) -> Path:
+def derive_from_teacher(teacher_dir: Path, cfg, dest: Path | None = None) -> Path:
     """Copy embeddings, final norm, head and the kept decoder layers (renumbered) into a new folder."""
     from safetensors.torch import load_file, save_file
 
@@ -57,6 +61,10 @@ def derive_from_teacher(teacher_dir: Path, cfg) -> Path:
                                                    "chat_template", "vocab", "merges"))):
                 shutil.copy2(f, tmp / f.name)
 
+    if dest is not None:
+        dest.mkdir(parents=True, exist_ok=True)
+        build(dest)
+        return dest
     key = text_hash(json.dumps([loading.folder_fingerprint(teacher_dir), layers]))[:16]
     return build_once(cache_root() / "students" / f"{teacher_dir.name}-L{len(layers)}-{key}", build)
 

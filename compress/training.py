@@ -1,0 +1,122 @@
+"""What the training stages share: prompt+answer batches, AdamW with warm-up, the Lightning Trainer."""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+
+from compress.evaluate import build_prompt, encode_requests
+
+
+def encode_examples(tokenizer, data_cfg, texts: list[str], answers: list[str], max_length: int,
+                    kinds: list[int] | None = None) -> list[dict]:
+    """Token ids of `prompt(text) + answer`, with the answer's positions marked.
+
+    Each item: input_ids (T,), answer_mask (T,) True on answer tokens, kind (0 gold, 1 pseudo).
+    Prompts longer than `max_length` lose tokens from the left.
+    """
+    chat = bool(data_cfg.use_chat_template and getattr(tokenizer, "chat_template", None))
+    items = []
+    for n, (text, answer) in enumerate(zip(texts, answers)):
+        ((ctx, (cont,)),) = encode_requests(tokenizer, [build_prompt(tokenizer, text, data_cfg)], [answer], chat)
+        ctx = ctx[-(max_length - len(cont)):] if len(ctx) + len(cont) > max_length else ctx
+        ids = torch.tensor(ctx + cont)
+        mask = torch.zeros(len(ids), dtype=torch.bool)
+        mask[len(ctx):] = True
+        items.append({"input_ids": ids, "answer_mask": mask, "kind": kinds[n] if kinds else 0})
+    return items
+
+
+def collate(pad_id: int):
+    """Right-pad a list of items into a batch; labels are input_ids with -100 off the answer."""
+
+    def fn(items: list[dict]) -> dict:
+        width = max(len(it["input_ids"]) for it in items)
+        ids = torch.full((len(items), width), pad_id, dtype=torch.long)  # (B, T)
+        attention = torch.zeros((len(items), width), dtype=torch.long)
+        answer = torch.zeros((len(items), width), dtype=torch.bool)
+        for i, it in enumerate(items):
+            n = len(it["input_ids"])
+            ids[i, :n], attention[i, :n], answer[i, :n] = it["input_ids"], 1, it["answer_mask"]
+        labels = ids.masked_fill(~answer, -100)
+        kind = torch.tensor([it["kind"] for it in items])  # (B,)
+        batch = {"input_ids": ids, "attention_mask": attention, "answer_mask": answer, "labels": labels,
+                 "kind": kind}
+        if "index" in items[0]:
+            batch["index"] = torch.tensor([it["index"] for it in items])
+        return batch
+
+    return fn
+
+
+def loader(items: list[dict], batch_size: int, pad_id: int, shuffle: bool, seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    return torch.utils.data.DataLoader(items, batch_size=batch_size, shuffle=shuffle, collate_fn=collate(pad_id),
+                                       generator=gen if shuffle else None)
+
+
+def optimizer_and_schedule(params, ocfg) -> dict:
+    """AdamW, linear warm-up, then cosine / linear / constant: Lightning's optimizer dict."""
+    opt = torch.optim.AdamW([p for p in params if p.requires_grad], lr=ocfg.lr, weight_decay=ocfg.weight_decay)
+    warm, total = max(0, ocfg.warmup_steps), max(1, ocfg.max_steps)
+
+    def factor(step: int) -> float:
+        if step < warm:
+            return (step + 1) / (warm + 1)
+        frac = min(1.0, (step - warm) / max(1, total - warm))
+        if ocfg.schedule == "cosine":
+            return 0.5 * (1 + math.cos(math.pi * frac))
+        if ocfg.schedule == "linear":
+            return 1 - frac
+        return 1.0
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
+    return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+def precision(tcfg) -> str:
+    if tcfg.precision != "auto":
+        return tcfg.precision
+    if torch.cuda.is_available() and tcfg.accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_bf16_supported():
+        return "bf16-mixed"
+    return "32-true"
+
+
+def _devices(value: str):
+    value = str(value)
+    if value == "auto":
+        return "auto"
+    if value.startswith("["):
+        return [int(v) for v in value.strip("[]").split(",") if v.strip()]
+    return int(value)
+
+
+def make_trainer(tcfg, ocfg, out: Path, has_val: bool):
+    """A Lightning Trainer from the `trainer` and stage optimisation settings; logs and checkpoints in `out`."""
+    import logging
+
+    import lightning as L
+    from lightning.pytorch.callbacks import ModelCheckpoint
+    from lightning.pytorch.loggers import CSVLogger
+
+    for name in ("lightning.pytorch", "lightning.fabric"):  # device summaries and tips: noise for our users
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+    ckpt = ModelCheckpoint(dirpath=out / "checkpoints", every_n_train_steps=tcfg.checkpoint_every,
+                           save_last=True, save_top_k=1, enable_version_counter=False)
+    val = {"val_check_interval": ocfg.val_every * ocfg.grad_accum, "check_val_every_n_epoch": None} \
+        if has_val and ocfg.val_every > 0 else {"limit_val_batches": 0}
+    return L.Trainer(
+        max_steps=ocfg.max_steps, accumulate_grad_batches=ocfg.grad_accum,
+        accelerator=tcfg.accelerator, devices=_devices(tcfg.devices), strategy=tcfg.strategy,
+        num_nodes=tcfg.num_nodes, precision=precision(tcfg),
+        gradient_clip_val=ocfg.max_grad_norm or None, log_every_n_steps=tcfg.log_every,
+        enable_progress_bar=tcfg.progress_bar, enable_model_summary=False, num_sanity_val_steps=0,
+        logger=CSVLogger(out, name="logs", version=""), callbacks=[ckpt], default_root_dir=out, **val,
+    )
+
+
+def last_checkpoint(out: Path) -> Path | None:
+    path = out / "checkpoints" / "last.ckpt"
+    return path if path.exists() else None

@@ -1,0 +1,159 @@
+"""finetune_teacher and distill on tiny random models, with real Lightning Trainers."""
+import json
+
+import pytest
+import torch
+
+from compress.config import load_config
+from compress.errors import CompressError
+from conftest import TINY, cli
+from students.distill import check_tokenizers
+from teachers import finetune, loading
+
+QUICK = TINY + ["finetune=quick", "distill=quick", "trainer.log_every=1"]
+
+
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("runs")
+    proc = cli("run", *QUICK, "pipeline=full", f"run.root={root}", "run.name=F")
+    assert proc.returncode == 0, proc.stderr
+    return root / "F", proc
+
+
+def test_full_pipeline_writes_every_stage(full_run):
+    run, proc = full_run
+    assert sorted(p.name for p in run.iterdir() if p.is_dir()) == ["00_evaluate", "01_finetune_teacher", "02_distill",
+                                                                   "cache"]
+    ft, ds = run / "01_finetune_teacher", run / "02_distill"
+    assert (ft / "adapter" / "adapter_config.json").is_file() and (ft / "model" / "model.safetensors").is_file()
+    assert not (ft / "checkpoints").exists() and (ft / "logs" / "metrics.csv").is_file()
+    assert (ds / "model" / "model.safetensors").is_file() and (ds / "pseudo_labels.jsonl").is_file()
+    records = json.loads((run / "results.json").read_text())["records"]
+    assert [(r["stage"], r["role"]) for r in records] == [
+        ("evaluate", "teacher"), ("evaluate", "student"), ("finetune_teacher", "teacher"), ("distill", "student")]
+    for r in records:
+        for key in ("accuracy", "retention", "retention_base", "agreement", "decode_tok_s"):
+            assert r[key] is not None, (r["stage"], key)
+
+
+def test_adapter_and_merged_teacher_load_with_peft_and_transformers(full_run):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    run, _ = full_run
+    ft = run / "01_finetune_teacher"
+    merged = AutoModelForCausalLM.from_pretrained(ft / "model")
+    base_dir = json.loads((run / "results.json").read_text())["records"][0]["path"]
+    base = AutoModelForCausalLM.from_pretrained(base_dir)
+    adapted = PeftModel.from_pretrained(base, ft / "adapter")
+    assert adapted.peft_config["default"].r == 16
+    ids = torch.tensor([[5, 6, 7, 8]])
+    # the merged teacher is the adapter on the de-quantized base: close to, not equal to, the fp32 base + adapter
+    assert merged(ids).logits.shape == adapted(ids).logits.shape
+
+
+def test_distill_logs_each_loss_term(full_run):
+    run, _ = full_run
+    header = (run / "02_distill" / "logs" / "metrics.csv").read_text().splitlines()[0]
+    assert "train/soft" in header and "train/pseudo" in header and "train/loss" in header
+
+
+def test_pseudo_labels_are_reused_on_rerun(full_run):
+    run, _ = full_run
+    proc = cli("run", *QUICK, "pipeline=full", "distill.temperature=3.0", f"run.root={run.parent}", "run.name=F")
+    assert proc.returncode == 0, proc.stderr
+    assert "01_finetune_teacher: up to date, skipped" in proc.stderr
+    assert "pseudo-labels: reused" in proc.stderr
+
+
+def test_lora_and_full_methods_train(tmp_path):
+    for method in ("lora", "full"):
+        proc = cli("run", *QUICK, "pipeline=full", f"teacher.method={method}", f"run.root={tmp_path}",
+                   f"run.name={method}")
+        assert proc.returncode == 0, proc.stderr
+        assert (tmp_path / method / "01_finetune_teacher" / "model" / "model.safetensors").is_file()
+
+
+def test_topk_cache_trains_without_the_teacher(tmp_path):
+    proc = cli("run", *QUICK, "pipeline=full", "distill.topk_cache=8", f"run.root={tmp_path}", "run.name=K")
+    assert proc.returncode == 0, proc.stderr
+    metrics = json.loads((tmp_path / "K" / "02_distill" / "metrics.json").read_text())
+    assert metrics["topk_bytes_per_token"] == 8 * 6 + 4
+    assert (tmp_path / "K" / "02_distill" / "teacher_topk.safetensors").is_file()
+
+
+def test_teacher_is_frozen_and_outside_the_module(tiny_teacher):
+    from students.distill import DistillModule
+
+    _, teacher, _ = tiny_teacher
+    student = loading.load(loading.resolve(load_config(TINY).student, "student"), load_config(TINY).student,
+                           "student")[0]
+    module = DistillModule(student, teacher, load_config(TINY).distill)
+    assert not any(n.startswith("teacher") for n, _ in module.named_parameters())
+    assert all(not k.startswith("teacher") for k in module.state_dict())
+    opt = module.configure_optimizers()["optimizer"]
+    assert sum(p.numel() for g in opt.param_groups for p in g["params"]) == sum(p.numel() for p in student.parameters())
+
+
+def test_vocabulary_mismatch_suggests_pseudo_labels_only(tiny_teacher):
+    from transformers import AutoTokenizer
+
+    _, _, tok = tiny_teacher
+    other = AutoTokenizer.from_pretrained(tiny_teacher[0])
+    other.add_tokens(["<extra>"])
+    with pytest.raises(CompressError) as e:
+        check_tokenizers(tok, other, soft_weight=1.0)
+    assert "distill.soft_weight=0" in e.value.render()
+    check_tokenizers(tok, other, soft_weight=0.0)  # pseudo-labels only: fine
+
+
+def test_4bit_that_cannot_run_names_the_alternative(monkeypatch):
+    import bitsandbytes.functional as F
+
+    def no_kernel(*args, **kwargs):  # what a platform without a bitsandbytes 4-bit kernel raises
+        raise RuntimeError("no kernel registered for quantize_4bit on this device")
+
+    monkeypatch.setattr(F, "quantize_4bit", no_kernel)
+    with pytest.raises(CompressError) as e:
+        finetune.check_4bit(torch.device("cpu"))
+    msg = e.value.render()
+    assert "teacher.method='qlora'" in msg and "teacher.method=lora" in msg and "no kernel" in msg
+
+
+def test_lora_targets_that_match_nothing_list_the_linear_layers(tiny_teacher):
+    _, model, _ = tiny_teacher
+    cfg = load_config(TINY + ["teacher.lora.target_modules=[qkv]"]).teacher
+    with pytest.raises(CompressError) as e:
+        finetune.lora_targets(model, cfg)
+    msg = e.value.render()
+    assert "no module matched" in msg and "q_proj" in msg and "down_proj" in msg
+
+
+@pytest.mark.parametrize("overrides, needles", [
+    (["distill.temperature=0"], ["distill.temperature=0", "must be > 0"]),
+    (["distill.temperature=-1.5"], ["distill.temperature=-1.5"]),
+    (["distill.soft_weight=0", "distill.pseudo_weight=0", "distill.hard_weight=0"], ["all 0"]),
+    (["teacher.method=qat"], ["teacher.method='qat'", "qlora, lora, full"]),
+    (["teacher.lora.target_modules=[nope]"], ["no module matched", "q_proj"]),
+    (["teacher.device=cuda"], ["teacher.device='cuda'", "CUDA is not available"]),
+    (["student=tinyllama", "student.path=TEACHER"], ["distill.soft_weight=0"]),
+])
+def test_bad_training_input_exits_2(tmp_path, overrides, needles):
+    if "student.path=TEACHER" in overrides:  # a student whose tokenizer differs from the teacher's
+        from transformers import AutoTokenizer
+
+        src = loading.resolve(load_config(TINY).teacher, "teacher")
+        other = tmp_path / "student"
+        import shutil
+
+        shutil.copytree(src, other)
+        tok = AutoTokenizer.from_pretrained(other)
+        tok.add_tokens(["<new>"])
+        tok.save_pretrained(other)
+        overrides = ["student=tiny-random", f"student.path={other}"]
+    proc = cli("run", *QUICK, "pipeline=full", f"run.root={tmp_path}", "run.name=bad", *overrides)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    for needle in needles:
+        assert needle in proc.stderr, (needle, proc.stderr[-3000:])
