@@ -35,20 +35,21 @@ METHODS = {"qlora": ["teacher.method=qlora"], "lora-bf16": ["teacher.method=lora
            "lora-fp32": ["teacher.method=lora", "teacher.dtype=float32"]}
 
 
-def teacher_run(overrides: list[str], root: Path):
-    """Run evaluate -> finetune_teacher once (or reuse it); return (cfg, finetune artifact)."""
+def teacher_run(overrides: list[str], root: Path, name: str):
+    """Run evaluate -> finetune_teacher in root/teacher (skipped when already done there, as any
+    `compress run` rerun is); return (cfg, the finetune_teacher artifact)."""
     from compress.artifact import Artifact
     from compress.config import load_config
     from compress.pipeline import preflight, run_pipeline
 
-    cfg = load_config(overrides + ["pipeline=full", f"run.root={root}", "run.name=teacher"])
+    cfg = load_config(overrides + ["pipeline=full", f"run.root={root}", f"run.name={name}"])
     preflight(cfg)
     cfg.pipeline.stages = ["evaluate", "finetune_teacher"]
     run = run_pipeline(cfg)
     return cfg, Artifact.load(run / "01_finetune_teacher")
 
 
-def train_variant(cfg, src, name: str, root: Path) -> dict:
+def train_variant(cfg, src, name: str) -> dict:
     """The distill stage with one variant's loss weights, into root/<name>."""
     import shutil
 
@@ -59,7 +60,7 @@ def train_variant(cfg, src, name: str, root: Path) -> dict:
     cfg = copy.deepcopy(cfg)
     for key, value in VARIANTS[name].items():
         OmegaConf.update(cfg, key, value)
-    out = root / "teacher" / f"kd_vs_sft-{name}"  # beside the run: pseudo-labels are shared via its cache/
+    out = src.path.parent / f"kd_vs_sft-{name}"  # inside the run: pseudo-labels are shared via its cache/
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
     t0 = time.perf_counter()
@@ -143,7 +144,11 @@ def print_tables(variants: list[dict], methods: list[dict]) -> None:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("overrides", nargs="*")
-    p.add_argument("--root", default="runs/bench-kd_vs_sft")
+    p.add_argument("--root", default="runs", help="run.root of the teacher run")
+    p.add_argument("--run-name", default="bench-kd_vs_sft",
+                   help="run.name of the teacher run; an existing run with the same config is reused")
+    p.add_argument("--teacher-artifact", help="a finished finetune_teacher stage folder to reuse (run with the "
+                   "same overrides); skips the teacher run")
     p.add_argument("--steps", type=int, default=6, help="fine-tuning steps per method in part 2")
     p.add_argument("--probe", choices=list(METHODS), help=argparse.SUPPRESS)
     p.add_argument("--out", default="benchmarks/results/kd_vs_sft.json")
@@ -155,8 +160,14 @@ def main() -> int:
         print(json.dumps(probe(args.probe, args.overrides, args.steps)))
         return 0
     root = Path(args.root)
-    cfg, src = teacher_run(args.overrides, root)
-    variants = [train_variant(cfg, src, name, root) for name in VARIANTS]
+    if args.teacher_artifact:
+        from compress.artifact import Artifact
+        from compress.config import load_config
+
+        cfg, src = load_config(args.overrides), Artifact.load(Path(args.teacher_artifact))
+    else:
+        cfg, src = teacher_run(args.overrides, root, args.run_name)
+    variants = [train_variant(cfg, src, name) for name in VARIANTS]
     methods = methods_table(args.overrides, args.steps)
     print_tables(variants, methods)
     out = Path(args.out)

@@ -18,7 +18,7 @@ from typing import Callable
 from omegaconf import DictConfig, OmegaConf
 
 from compress import results
-from compress.artifact import Artifact, finish, is_done, versions
+from compress.artifact import Artifact, finish, is_done, versions, write_json
 from compress.console import out, say
 from compress.hub import text_hash
 from compress.stages import evaluate
@@ -34,15 +34,19 @@ class Stage:
     """Config sections whose values the stage depends on: a change in one reruns it."""
     summary: str
     """One line for `compress presets`."""
+    reevaluate: Callable[[DictConfig, Artifact, Path], dict] | None = None
+    """Measures the stage's model again; when set, a change of `eval` settings alone re-measures
+    the finished stage instead of redoing its work."""
 
 
 STAGES: dict[str, Stage] = {s.name: s for s in [
     Stage("evaluate", evaluate.run, ("teacher", "student", "data", "eval", "run.seed"),
           "score teacher and student as they are: accuracy, agreement, perplexity, latency, size, memory"),
-    Stage("finetune_teacher", finetune.run, ("teacher", "data", "finetune", "trainer", "eval", "run.seed"),
-          "QLoRA / LoRA / full fine-tuning of the teacher (Lightning); adapter + merged teacher, evaluated"),
-    Stage("distill", distill.run, ("teacher", "student", "data", "distill", "trainer", "eval", "run.seed"),
-          "soft-label + pseudo-label distillation into the student (Lightning), evaluated"),
+    Stage("finetune_teacher", finetune.run, ("teacher", "data", "finetune", "trainer", "run.seed"),
+          "QLoRA / LoRA / full fine-tuning of the teacher (Lightning); adapter + merged teacher, evaluated",
+          finetune.reevaluate),
+    Stage("distill", distill.run, ("teacher", "student", "data", "distill", "trainer", "run.seed"),
+          "soft-label + pseudo-label distillation into the student (Lightning), evaluated", distill.reevaluate),
 ]}
 
 
@@ -97,19 +101,33 @@ def run_pipeline(cfg) -> Path:
         stage = STAGES[path.name.split("_", 1)[1]]
         chash = config_hash(cfg, stage.keys)
         identity = text_hash(stage.name + chash + src.identity)[:16]
+        eval_hash = config_hash(cfg, ("eval",))
         if is_done(path, identity):
-            say(f"[green]✓[/] {path.name}: up to date, skipped (delete the folder or change its config to rerun)")
+            if stage.reevaluate is not None and Artifact.load(path).manifest.get("eval_hash") != eval_hash:
+                _reevaluate(cfg, stage, src, path, eval_hash)
+            else:
+                say(f"[green]✓[/] {path.name}: up to date, skipped (delete the folder or change its config to rerun)")
             src = Artifact.load(path)
             continue
         say(f"[bold]▶ {path.name}[/]: {stage.summary}")
-        src = _run_stage(cfg, stage, src, path, chash, identity)
+        src = _run_stage(cfg, stage, src, path, chash, identity, eval_hash)
     res = results.collect(stage_dirs(cfg))
     results.write(root, res)
     out.print(results.table(res["records"], title=f"results: {root}"))
     return root
 
 
-def _run_stage(cfg, stage: Stage, src: Artifact, path: Path, chash: str, identity: str) -> Artifact:
+def _reevaluate(cfg, stage: Stage, src: Artifact, path: Path, eval_hash: str) -> None:
+    """Only the evaluation settings changed: measure the finished stage's model again, in place."""
+    say(f"[bold]▶ {path.name}[/]: evaluation settings changed, re-measuring its model (its work is kept)")
+    artifact = Artifact.load(path)
+    metrics = {**artifact.metrics(), **stage.reevaluate(cfg, src, path)}
+    write_json(path / "metrics.json", metrics)
+    write_json(path / "manifest.json", {**artifact.manifest, "eval_hash": eval_hash})
+
+
+def _run_stage(cfg, stage: Stage, src: Artifact, path: Path, chash: str, identity: str,
+               eval_hash: str) -> Artifact:
     tmp = path.parent / f".{path.name}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -122,7 +140,12 @@ def _run_stage(cfg, stage: Stage, src: Artifact, path: Path, chash: str, identit
         raise
     wall = time.perf_counter() - t0
     metrics["wall_s"] = wall
-    manifest = {"stage": stage.name, "identity": identity, "config_hash": chash, "input": src.identity,
+    for record in metrics.get("records", []):  # paths inside the temporary folder move with it
+        if str(record.get("path", "")).startswith(str(tmp)):
+            record["path"] = str(path) + record["path"][len(str(tmp)):]
+        record.setdefault("stage_wall_s", wall)
+    manifest = {"stage": stage.name, "identity": identity, "config_hash": chash, "eval_hash": eval_hash,
+                "input": src.identity,
                 "input_path": str(src.path) if src.path else None, "versions": versions(),
                 "finished": time.strftime("%Y-%m-%dT%H:%M:%S"), "wall_s": wall}
     finish(tmp, path, metrics, manifest)

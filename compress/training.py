@@ -1,12 +1,17 @@
 """What the training stages share: prompt+answer batches, AdamW with warm-up, the Lightning Trainer."""
 from __future__ import annotations
 
+import logging
 import math
 from pathlib import Path
 
+import lightning as L
 import torch
 
 from compress.evaluate import build_prompt, encode_requests
+
+for _name in ("lightning.pytorch", "lightning.fabric"):  # seeds, device summaries, tips: noise for our users
+    logging.getLogger(_name).setLevel(logging.WARNING)
 
 
 def encode_examples(tokenizer, data_cfg, texts: list[str], answers: list[str], max_length: int,
@@ -94,14 +99,8 @@ def _devices(value: str):
 
 def make_trainer(tcfg, ocfg, out: Path, has_val: bool):
     """A Lightning Trainer from the `trainer` and stage optimisation settings; logs and checkpoints in `out`."""
-    import logging
-
-    import lightning as L
     from lightning.pytorch.callbacks import ModelCheckpoint
     from lightning.pytorch.loggers import CSVLogger
-
-    for name in ("lightning.pytorch", "lightning.fabric"):  # device summaries and tips: noise for our users
-        logging.getLogger(name).setLevel(logging.WARNING)
 
     ckpt = ModelCheckpoint(dirpath=out / "checkpoints", every_n_train_steps=tcfg.checkpoint_every,
                            save_last=True, save_top_k=1, enable_version_counter=False)

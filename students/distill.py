@@ -64,11 +64,9 @@ class DistillModule(L.LightningModule):
     def _soft(self, batch, logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         d = self.dcfg
         if self.topk is not None:
-            values, indices, tail = (self.topk[k].to(self.device) for k in ("values", "indices", "tail"))
-            rows = batch["index"].to(values.device)
-            width = logits.shape[1]
-            return losses.topk_forward_kl(logits, values[rows, :width], indices[rows, :width].long(),
-                                          tail[rows, :width], mask, d.temperature)
+            rows, width = batch["index"].cpu(), logits.shape[1]  # the cache stays in host memory
+            values, indices, tail = (self.topk[k][rows, :width].to(self.device) for k in ("values", "indices", "tail"))
+            return losses.topk_forward_kl(logits, values, indices.long(), tail, mask, d.temperature)
         with torch.no_grad():
             t_logits = self.teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
         v = min(logits.shape[-1], t_logits.shape[-1])  # padded vocab rows (e.g. 152064 vs 151936) are dropped
@@ -255,3 +253,10 @@ def run(cfg, src: Artifact, out: Path) -> dict:
     metrics.update(pseudo_labels=len(answers), train_items=len(items) - n_val,
                    topk_bytes_per_token=topk_bytes_per_token(d.topk_cache) if topk is not None else None)
     return metrics
+
+
+def reevaluate(cfg, src: Artifact, path: Path) -> dict:
+    """Measure the finished stage's student again (the evaluation settings changed)."""
+    from compress.stages.evaluate import evaluate_new_student
+
+    return evaluate_new_student(cfg, src, path, load_splits(cfg.data), "distill")

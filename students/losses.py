@@ -70,6 +70,15 @@ def _check_same_shape(student_logits: torch.Tensor, teacher_logits: torch.Tensor
                          f"{tuple(teacher_logits.shape)} must have the same (B, T, V) shape")
 
 
+def _softened(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor,
+              temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Checked inputs -> (log q_S, log p_T) at temperature T over the unmasked rows: (N, V) each."""
+    _check_temperature(temperature)
+    _check_same_shape(student_logits, teacher_logits)
+    s, t = _rows(mask, student_logits, teacher_logits.detach())  # (N, V)
+    return _log_probs(s, temperature), _log_probs(t, temperature)
+
+
 def forward_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor,
                temperature: float = 1.0) -> torch.Tensor:
     """Forward KL, KL(p_T || q_S) * T**2, averaged over unmasked tokens.
@@ -87,10 +96,7 @@ def forward_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask:
     Returns:
         float32 scalar.
     """
-    _check_temperature(temperature)
-    _check_same_shape(student_logits, teacher_logits)
-    s, t = _rows(mask, student_logits, teacher_logits.detach())  # (N, V)
-    log_q, log_p = _log_probs(s, temperature), _log_probs(t, temperature)  # (N, V)
+    log_q, log_p = _softened(student_logits, teacher_logits, mask, temperature)  # (N, V)
     return _mean(_kl(log_p, log_q)) * temperature**2
 
 
@@ -111,10 +117,7 @@ def reverse_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask:
     Returns:
         float32 scalar.
     """
-    _check_temperature(temperature)
-    _check_same_shape(student_logits, teacher_logits)
-    s, t = _rows(mask, student_logits, teacher_logits.detach())  # (N, V)
-    log_q, log_p = _log_probs(s, temperature), _log_probs(t, temperature)  # (N, V)
+    log_q, log_p = _softened(student_logits, teacher_logits, mask, temperature)  # (N, V)
     return _mean(_kl(log_q, log_p)) * temperature**2
 
 
@@ -140,12 +143,9 @@ def generalized_jsd(student_logits: torch.Tensor, teacher_logits: torch.Tensor, 
     Returns:
         float32 scalar.
     """
-    _check_temperature(temperature)
     if not 0 < beta < 1:
         raise ValueError(f"beta must be in the open interval (0, 1), got beta={beta!r}")
-    _check_same_shape(student_logits, teacher_logits)
-    s, t = _rows(mask, student_logits, teacher_logits.detach())  # (N, V)
-    log_q, log_p = _log_probs(s, temperature), _log_probs(t, temperature)  # (N, V)
+    log_q, log_p = _softened(student_logits, teacher_logits, mask, temperature)  # (N, V)
     mix = torch.stack([log_p + math.log(beta), log_q + math.log1p(-beta)])  # (2, N, V)
     # where p = q = 0, logsumexp(-inf, -inf) has a NaN gradient: use a finite placeholder
     # there instead (never read, as _kl skips entries with zero mass).

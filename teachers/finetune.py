@@ -195,3 +195,10 @@ def run(cfg, src: Artifact, out: Path) -> dict:
     shutil.rmtree(out / "checkpoints", ignore_errors=True)
     del model, module, trainer
     return evaluate_new_teacher(cfg, src, out, splits, "finetune_teacher")
+
+
+def reevaluate(cfg, src: Artifact, path: Path) -> dict:
+    """Measure the finished stage's merged teacher again (the evaluation settings changed)."""
+    from compress.stages.evaluate import evaluate_new_teacher
+
+    return evaluate_new_teacher(cfg, src, path, load_splits(cfg.data), "finetune_teacher")

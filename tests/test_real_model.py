@@ -32,3 +32,24 @@ def test_eval_command_reads_a_gguf_file(tmp_path):
                "data.unlabeled_size=0", "eval=quick", f"--out={out}")
     assert proc.returncode == 0, proc.stderr
     assert json.loads(out.read_text())["records"][0]["accuracy"] > 0.55
+
+
+@pytest.mark.slow
+def test_smollm2_full_pipeline_few_steps(tmp_path):
+    """QLoRA on the real model (NF4 on CPU), then distillation into its slim student: a few steps each."""
+    proc = cli("run", "pipeline=full", f"data.path={RT_CSV}", "data.eval_size=48", "data.train_size=48",
+               "data.unlabeled_size=32", "eval=quick", "finetune=quick", "distill=quick", "trainer.log_every=1",
+               f"run.root={tmp_path}", "run.name=real")
+    assert proc.returncode == 0, proc.stderr
+    run = tmp_path / "real"
+    records = json.loads((run / "results.json").read_text())["records"]
+    assert [r["stage"] for r in records] == ["evaluate", "evaluate", "finetune_teacher", "distill"]
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    merged = AutoModelForCausalLM.from_pretrained(run / "01_finetune_teacher" / "model")
+    assert merged.config.num_hidden_layers == 30 and not hasattr(merged.config, "quantization_config")
+    base = AutoModelForCausalLM.from_pretrained(records[0]["path"])
+    assert isinstance(PeftModel.from_pretrained(base, run / "01_finetune_teacher" / "adapter"), PeftModel)
+    student = AutoModelForCausalLM.from_pretrained(run / "02_distill" / "model")
+    assert student.config.num_hidden_layers == 10

@@ -67,6 +67,20 @@ def test_pseudo_labels_are_reused_on_rerun(full_run):
     assert "pseudo-labels: reused" in proc.stderr
 
 
+def test_changed_eval_setting_remeasures_without_retraining(full_run):
+    run, _ = full_run
+    ft = run / "01_finetune_teacher"
+    weights = (ft / "model" / "model.safetensors").stat().st_mtime_ns
+    proc = cli("run", *QUICK, "pipeline=full", "distill.temperature=3.0", "eval.decode_tokens=4",
+               f"run.root={run.parent}", "run.name=F")
+    assert proc.returncode == 0, proc.stderr
+    assert "01_finetune_teacher: evaluation settings changed, re-measuring" in proc.stderr
+    assert "02_distill: evaluation settings changed, re-measuring" in proc.stderr
+    assert (ft / "model" / "model.safetensors").stat().st_mtime_ns == weights  # not retrained
+    manifest = json.loads((ft / "manifest.json").read_text())
+    assert manifest["eval_hash"]
+
+
 def test_lora_and_full_methods_train(tmp_path):
     for method in ("lora", "full"):
         proc = cli("run", *QUICK, "pipeline=full", f"teacher.method={method}", f"run.root={tmp_path}",
