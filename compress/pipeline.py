@@ -40,8 +40,9 @@ class Stage:
 
 
 STAGES: dict[str, Stage] = {s.name: s for s in [
-    Stage("evaluate", evaluate.run, ("teacher", "student", "data", "eval", "run.seed"),
-          "score teacher and student as they are: accuracy, agreement, perplexity, latency, size, memory"),
+    Stage("evaluate", evaluate.run, ("teacher", "student", "data", "run.seed"),
+          "score teacher and student as they are: accuracy, agreement, perplexity, latency, size, memory",
+          evaluate.run),
     Stage("finetune_teacher", finetune.run, ("teacher", "data", "finetune", "trainer", "run.seed"),
           "QLoRA / LoRA / full fine-tuning of the teacher (Lightning); adapter + merged teacher, evaluated",
           finetune.reevaluate),

@@ -43,14 +43,19 @@ def test_rerun_skips_finished_stages(first_run):
     assert (run / "00_evaluate" / "manifest.json").read_text() == before
 
 
-def test_changed_eval_setting_reruns(first_run):
+def test_changed_eval_setting_remeasures(first_run):
     run, _ = first_run
     before = json.loads((run / "00_evaluate" / "manifest.json").read_text())
-    proc = cli("run", *TINY, "pipeline=evaluate", "eval.decode_tokens=4", f"run.root={run.parent}", "run.name=N")
+    proc = cli("run", *TINY, "pipeline=evaluate", "eval.decode_tokens=4", "eval.accuracy=false",
+               f"run.root={run.parent}", "run.name=N")
     assert proc.returncode == 0, proc.stderr
-    assert "skipped" not in proc.stderr
+    assert "00_evaluate: evaluation settings changed, re-measuring" in proc.stderr
     after = json.loads((run / "00_evaluate" / "manifest.json").read_text())
-    assert after["identity"] != before["identity"]
+    assert after["eval_hash"] != before["eval_hash"]
+    records = json.loads((run / "results.json").read_text())["records"]
+    assert "accuracy" not in records[0]  # measured again, with accuracy now off
+    proc = cli("run", *TINY, "pipeline=evaluate", f"run.root={run.parent}", "run.name=N")  # back: measured again
+    assert "re-measuring" in proc.stderr and "accuracy" in json.loads((run / "results.json").read_text())["records"][0]
 
 
 @pytest.mark.parametrize("overrides, needles", [

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from compress.artifact import Artifact
+from compress.artifact import Artifact, write_json
 from compress.console import say
 from compress.data import load_splits
 from compress.evaluate import evaluate_torch, peak_memory, weights_size_mb
@@ -73,13 +73,13 @@ def run(cfg, src: Artifact, out: Path) -> dict:
     student_dir = student_build.resolve(cfg.student, teacher_dir)
     say(f"  student: {cfg.student.name} ({student_dir})")
     student = evaluate_folder(student_dir, cfg.student, "student", splits, cfg, t_pred)
-    student.pop("predictions", None)
+    write_json(out / "predictions.json", {"labels": [e.label for e in splits.eval], "teacher": t_pred,
+                                          "student": student.pop("predictions", None)})
     if t_pred is not None:
         teacher["agreement"] = 1.0
     records = [_record("evaluate", "teacher", cfg.teacher.name, teacher_dir, teacher, ref),
                _record("evaluate", "student", cfg.student.name, student_dir, student, ref)]
-    return {"records": records, "splits": splits.sizes(), "reference": ref,
-            "labels": [e.label for e in splits.eval]}
+    return {"records": records, "splits": splits.sizes(), "reference": ref}
 
 
 def evaluate_new_teacher(cfg, src: Artifact, out: Path, splits, stage: str) -> dict:
