@@ -8,7 +8,7 @@ from conftest import RT_CSV, cli
 
 @pytest.mark.slow
 def test_smollm2_zero_shot_accuracy_on_rotten_tomatoes(tmp_path):
-    proc = cli("run", "teacher=smollm2-135m", "student=smollm2-slim", f"data.path={RT_CSV}",
+    proc = cli("run", "teacher=smollm2-135m", "student=smollm2-slim", "pipeline=evaluate", f"data.path={RT_CSV}",
                "data.eval_size=300", "eval=quick", f"run.root={tmp_path}", "run.name=real")
     assert proc.returncode == 0, proc.stderr
     teacher, student = json.loads((tmp_path / "real" / "results.json").read_text())["records"]
