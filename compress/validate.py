@@ -11,8 +11,6 @@ from compress.errors import Problem, raise_if
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 FORMATS = ("rotten_tomatoes", "bigbench", "jsonl", "csv", "text")
 SCHEDULES = ("cosine", "linear", "constant")
-DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
-METHODS = ("qlora", "lora", "full")
 
 
 def validate(cfg) -> None:
@@ -94,6 +92,9 @@ def _run_name(name) -> list[Problem]:
 
 
 def _training(cfg) -> list[Problem]:
+    from students.distill import DIVERGENCES  # the one list of each, kept beside the code that uses it
+    from teachers.finetune import METHODS
+
     problems = []
     for section in ("finetune", "distill"):
         o = cfg[section]

@@ -70,9 +70,8 @@ class DistillModule(L.LightningModule):
         with torch.no_grad():
             t_logits = self.teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
         v = min(logits.shape[-1], t_logits.shape[-1])  # padded vocab rows (e.g. 152064 vs 151936) are dropped
-        if d.divergence == "jsd":
-            return losses.generalized_jsd(logits[..., :v], t_logits[..., :v], mask, d.jsd_beta, d.temperature)
-        return DIVERGENCES[d.divergence](logits[..., :v], t_logits[..., :v], mask, d.temperature)
+        extra = {"beta": d.jsd_beta} if d.divergence == "jsd" else {}
+        return DIVERGENCES[d.divergence](logits[..., :v], t_logits[..., :v], mask, temperature=d.temperature, **extra)
 
     def training_step(self, batch, _):
         parts = self.losses(batch)

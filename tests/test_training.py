@@ -171,3 +171,19 @@ def test_bad_training_input_exits_2(tmp_path, overrides, needles):
     assert "Traceback" not in proc.stderr
     for needle in needles:
         assert needle in proc.stderr, (needle, proc.stderr[-3000:])
+
+
+@pytest.mark.parametrize("divergence", ["forward_kl", "reverse_kl", "jsd"])
+def test_each_divergence_gives_a_finite_soft_loss(tiny_teacher, divergence):
+    from compress import training
+    from compress.data import load_splits
+    from students.distill import DistillModule
+
+    _, teacher, tok = tiny_teacher
+    cfg = load_config(TINY + [f"distill.divergence={divergence}"])
+    student = loading.load(loading.resolve(cfg.student, "student"), cfg.student, "student")[0]
+    splits = load_splits(cfg.data)
+    items = training.encode_examples(tok, cfg.data, [e.text for e in splits.train[:4]], [" positive"] * 4, 256, [1] * 4)
+    batch = training.collate(tok.pad_token_id)(items)
+    parts = DistillModule(student, teacher, cfg.distill).losses(batch)
+    assert set(parts) == {"soft", "pseudo"} and all(torch.isfinite(v) and v > 0 for v in parts.values())
