@@ -233,7 +233,8 @@ class FinetuneConfig(OptimConfig):
 
 @dataclass
 class DistillConfig(OptimConfig):
-    """`distill`: loss = soft_weight * KD_T + pseudo_weight * CE(pseudo) + hard_weight * CE(labels)."""
+    """`distill`: loss = soft_weight * KD_T + pseudo_weight * CE(pseudo) + hard_weight * CE(labels)
+    + hidden_weight * (1 - cos(hidden states))."""
 
     name: str = "default"
     """Preset name (`distill=NAME`)."""
@@ -245,6 +246,9 @@ class DistillConfig(OptimConfig):
     """Weight of cross-entropy on the teacher's own answers for the `unlabeled` split."""
     hard_weight: float = 0.0
     """Weight of cross-entropy on the gold labels of the `train` split."""
+    hidden_weight: float = 0.0
+    """Weight of intermediate-layer distillation: 1 - cosine between each student layer's output and
+    the teacher hidden state it replaces (needs equal hidden sizes and the teacher on the fly)."""
     temperature: float = 2.0
     """Softmax temperature of the soft-label term (> 0); the term is scaled by T^2."""
     divergence: str = "forward_kl"

@@ -111,12 +111,12 @@ def _training(cfg) -> list[Problem]:
     if not d.temperature > 0:
         problems.append(Problem("distill.temperature", d.temperature, "must be > 0 (1 = the plain distribution, "
                                 "2 is a common choice)"))
-    weights = {k: d[k] for k in ("soft_weight", "pseudo_weight", "hard_weight")}
+    weights = {k: d[k] for k in ("soft_weight", "pseudo_weight", "hard_weight", "hidden_weight")}
     for k, v in weights.items():
         if v < 0:
             problems.append(Problem(f"distill.{k}", v, "must be >= 0"))
     if all(v == 0 for v in weights.values()):
-        problems.append(Problem("distill.soft_weight", 0, "soft_weight, pseudo_weight and hard_weight are all 0, "
+        problems.append(Problem("distill.soft_weight", 0, "soft_weight, pseudo_weight, hard_weight and hidden_weight are all 0, "
                                 "so the student would learn nothing; set at least one > 0"))
     if d.divergence not in DIVERGENCES:
         problems.append(Problem("distill.divergence", d.divergence, f"choose one of: {', '.join(DIVERGENCES)}"))
@@ -129,6 +129,9 @@ def _training(cfg) -> list[Problem]:
     elif d.topk_cache > 0 and d.divergence != "forward_kl":
         problems.append(Problem("distill.topk_cache", d.topk_cache, "the top-K cache supports "
                                 "distill.divergence=forward_kl only; set topk_cache=0 for reverse_kl or jsd"))
+    if d.topk_cache > 0 and d.hidden_weight > 0:
+        problems.append(Problem("distill.topk_cache", d.topk_cache, "hidden-state distillation needs the teacher's "
+                                "activations, which the top-K cache does not hold; set topk_cache=0 or hidden_weight=0"))
     if t.method not in METHODS:
         problems.append(Problem("teacher.method", t.method, f"choose one of: {', '.join(METHODS)}"))
     if t.lora.r < 1 or t.lora.alpha <= 0:

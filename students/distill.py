@@ -35,9 +35,11 @@ DIVERGENCES = {"forward_kl": losses.forward_kl, "reverse_kl": losses.reverse_kl,
 class DistillModule(L.LightningModule):
     """Trains `student` to match a frozen `teacher` (or its cached top-K log-probs)."""
 
-    def __init__(self, student, teacher, dcfg, topk: dict | None = None):
+    def __init__(self, student, teacher, dcfg, topk: dict | None = None, layer_map: list[int] | None = None):
         super().__init__()
         self.student, self.dcfg, self.topk = student, dcfg, topk
+        self.layer_map = layer_map or []
+        """Teacher hidden-state index paired with each student layer's output (hidden_weight > 0)."""
         self.__dict__["teacher"] = teacher  # plain attribute, not a submodule
         self.strict_loading = False
 
@@ -46,37 +48,62 @@ class DistillModule(L.LightningModule):
             self.teacher.to(self.device).eval().requires_grad_(False)
 
     def losses(self, batch) -> dict[str, torch.Tensor]:
+        """Each weighted term of the loss, computed at the positions it reads.
+
+        The vocabulary projection (the costliest matmul of a small model: 49,152 x 576 for
+        SmolLM2) runs only on the rows some term reads: every real token when the soft term
+        covers all positions, else the answer tokens alone.
+        """
         d = self.dcfg
         ids, attn = batch["input_ids"], batch["attention_mask"]  # (B, T)
-        logits = self.student(input_ids=ids, attention_mask=attn).logits[:, :-1]  # (B, T-1, V): predicts ids[:, 1:]
-        target, valid = ids[:, 1:], attn[:, 1:].bool()
-        answer = batch["answer_mask"][:, 1:] & valid  # positions whose next token is an answer token
-        kind = batch["kind"][:, None]  # (B, 1): 0 gold, 1 pseudo
+        valid = attn[:, 1:].bool()  # (B, T-1): position t predicts ids[:, t+1]
+        answer = batch["answer_mask"][:, 1:] & valid
+        rows = valid if d.soft_weight > 0 and d.soft_on == "all" else answer  # (B, T-1)
+        s_out = self.student.get_decoder()(input_ids=ids, attention_mask=attn,
+                                           output_hidden_states=d.hidden_weight > 0)
+        logits = self.student.get_output_embeddings()(s_out.last_hidden_state[:, :-1][rows])[None]  # (1, N, V)
+        kind = batch["kind"][:, None].expand_as(rows)[rows][None]  # (1, N): 0 gold, 1 pseudo
+        target, on = ids[:, 1:][rows][None], answer[rows][None]  # (1, N)
         out = {}
+        t_out = self._teacher(batch, d.hidden_weight > 0) if self.teacher is not None else None
         if d.soft_weight > 0:
-            out["soft"] = self._soft(batch, logits, answer if d.soft_on == "answer" else valid)
+            out["soft"] = self._soft(batch, rows, logits, t_out)
         if d.pseudo_weight > 0:
-            out["pseudo"] = losses.cross_entropy(logits, target, answer & (kind == 1))
+            out["pseudo"] = losses.cross_entropy(logits, target, on & (kind == 1))
         if d.hard_weight > 0:
-            out["hard"] = losses.cross_entropy(logits, target, answer & (kind == 0))
+            out["hard"] = losses.cross_entropy(logits, target, on & (kind == 0))
+        if d.hidden_weight > 0:
+            mask = attn.bool().clone()  # (B, T)
+            mask[:, 0] = False  # the first position holds the attention sink's outsized activations
+            out["hidden"] = losses.hidden_cosine([s_out.hidden_states[j + 1] for j in range(len(self.layer_map))],
+                                                 [t_out.hidden_states[i] for i in self.layer_map], mask)
         return out
 
-    def _soft(self, batch, logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    @torch.no_grad()
+    def _teacher(self, batch, hidden: bool):
+        return self.teacher.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                          output_hidden_states=hidden)
+
+    def _soft(self, batch, rows: torch.Tensor, logits: torch.Tensor, t_out) -> torch.Tensor:
         d = self.dcfg
+        ones = torch.ones(logits.shape[:2], dtype=torch.bool, device=logits.device)  # (1, N): every row counts
         if self.topk is not None:
-            rows, width = batch["index"].cpu(), logits.shape[1]  # the cache stays in host memory
-            values, indices, tail = (self.topk[k][rows, :width].to(self.device) for k in ("values", "indices", "tail"))
-            return losses.topk_forward_kl(logits, values, indices.long(), tail, mask, d.temperature)
+            idx, width = batch["index"].cpu(), rows.shape[1]  # the cache stays in host memory
+            sel = rows.cpu()
+            values, indices, tail = (self.topk[k][idx, :width][sel][None].to(self.device)
+                                     for k in ("values", "indices", "tail"))
+            return losses.topk_forward_kl(logits, values, indices.long(), tail, ones, d.temperature)
         with torch.no_grad():
-            t_logits = self.teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+            t_logits = self.teacher.get_output_embeddings()(t_out.last_hidden_state[:, :-1][rows])[None]  # (1, N, V')
         v = min(logits.shape[-1], t_logits.shape[-1])  # padded vocab rows (e.g. 152064 vs 151936) are dropped
         extra = {"beta": d.jsd_beta} if d.divergence == "jsd" else {}
-        return DIVERGENCES[d.divergence](logits[..., :v], t_logits[..., :v], mask, temperature=d.temperature, **extra)
+        return DIVERGENCES[d.divergence](logits[..., :v], t_logits[..., :v], ones, temperature=d.temperature, **extra)
 
     def training_step(self, batch, _):
         parts = self.losses(batch)
         d = self.dcfg
-        weights = {"soft": d.soft_weight, "pseudo": d.pseudo_weight, "hard": d.hard_weight}
+        weights = {"soft": d.soft_weight, "pseudo": d.pseudo_weight, "hard": d.hard_weight,
+                   "hidden": d.hidden_weight}
         total = sum(weights[k] * v for k, v in parts.items())
         for k, v in parts.items():
             self.log(f"train/{k}", v)
@@ -108,6 +135,27 @@ def check_tokenizers(teacher_tok, student_tok, soft_weight: float) -> None:
                                 "soft labels need the same vocabulary; set distill.soft_weight=0 to distil through "
                                 "pseudo-labels only (they work across tokenizers), or pick a student that shares "
                                 "the teacher's tokenizer"))
+
+
+def layer_map(student_config, teacher_config, hidden_weight: float) -> list[int]:
+    """For each student layer, the index into the teacher's hidden states it should reproduce.
+
+    A student cut from the teacher (`compress_kept_layers` in its config) pairs layer j with
+    the teacher's residual stream where the next kept layer reads it; the last layer pairs with
+    the teacher's output. Other students pair layers uniformly by depth.
+    """
+    if hidden_weight <= 0:
+        return []
+    n_s, n_t = student_config.num_hidden_layers, teacher_config.num_hidden_layers
+    if student_config.hidden_size != teacher_config.hidden_size:
+        raise CompressError(Problem("distill.hidden_weight", hidden_weight, f"hidden-state distillation pairs "
+                                    f"student and teacher activations, but their widths differ "
+                                    f"({student_config.hidden_size} vs {teacher_config.hidden_size}); "
+                                    "set distill.hidden_weight=0 for this student"))
+    kept = list(getattr(student_config, "compress_kept_layers", None) or [])
+    if len(kept) == n_s:
+        return [kept[j + 1] if j + 1 < n_s else n_t for j in range(n_s)]
+    return [round((j + 1) * n_t / n_s) for j in range(n_s)]
 
 
 # --------------------------------------------------------------------------- pseudo-labels
@@ -211,6 +259,7 @@ def run(cfg, src: Artifact, out: Path) -> dict:
     student_dir = student_build.resolve(cfg.student, teacher_dir, dest=init)
     student, s_tok = loading.load(student_dir, cfg.student, "student")
     check_tokenizers(t_tok, s_tok, d.soft_weight)
+    t_config = teacher.config
     answers = pseudo_labels(teacher, t_tok, teacher_dir, splits, cfg, out)
 
     texts, targets, kinds = [], [], []
@@ -235,7 +284,7 @@ def run(cfg, src: Artifact, out: Path) -> dict:
                                 s_tok.pad_token_id, out)
         teacher = None  # training reads the cache only
     student.config.use_cache = False
-    module = DistillModule(student.train(), teacher, d, topk)
+    module = DistillModule(student.train(), teacher, d, topk, layer_map(student.config, t_config, d.hidden_weight))
     trainer = training.make_trainer(cfg.trainer, d, out, has_val=n_val > 0)
     say(f"  distilling into {cfg.student.name} ({sum(p.numel() for p in student.parameters()) / 1e6:.1f} M "
         f"params) for {d.max_steps} steps on {len(items) - n_val} examples")

@@ -25,7 +25,8 @@ import math
 import torch
 import torch.nn.functional as F
 
-__all__ = ["forward_kl", "reverse_kl", "generalized_jsd", "topk_forward_kl", "teacher_topk", "cross_entropy"]
+__all__ = ["forward_kl", "reverse_kl", "generalized_jsd", "topk_forward_kl", "teacher_topk", "cross_entropy",
+           "hidden_cosine"]
 
 
 def _check_temperature(temperature: float) -> None:
@@ -251,3 +252,33 @@ def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tenso
         raise ValueError(f"targets {tuple(targets.shape)} must be (B, T) for logits {tuple(logits.shape)}")
     z, y = _rows(mask, logits, targets)  # (N, V), (N,)
     return _mean(F.cross_entropy(z.float(), y.long(), reduction="none"))  # (N,) -> ()
+
+
+def hidden_cosine(student_hidden: list[torch.Tensor], teacher_hidden: list[torch.Tensor],
+                  mask: torch.Tensor) -> torch.Tensor:
+    """Intermediate-layer distillation: 1 - cosine similarity of paired hidden states.
+
+        loss = mean over pairs l and unmasked tokens t of  1 - <s_lt, h_lt> / (|s_lt| |h_lt|)
+
+    Each student layer is paired with the teacher layer whose output it replaces (the
+    caller chooses the pairs). Cosine ignores the scale of the residual stream, which
+    grows with depth, so every pair weighs the same. Computed in float32.
+
+    Args:
+        student_hidden: L tensors (B, T, H), the student's hidden states.
+        teacher_hidden: L tensors (B, T, H), the paired teacher hidden states (constants).
+        mask: (B, T) bool / 0-1, True = token counts.
+    Returns:
+        float32 scalar in [0, 2].
+    """
+    if len(student_hidden) != len(teacher_hidden) or not student_hidden:
+        raise ValueError(f"need the same number (>= 1) of student and teacher hidden states, got "
+                         f"{len(student_hidden)} and {len(teacher_hidden)}")
+    per_layer = []
+    for s, t in zip(student_hidden, teacher_hidden):
+        if s.shape != t.shape:
+            raise ValueError(f"paired hidden states differ in shape: student {tuple(s.shape)}, "
+                             f"teacher {tuple(t.shape)}")
+        s, t = _rows(mask, s, t.detach())  # (N, H)
+        per_layer.append(_mean(1 - F.cosine_similarity(s.float(), t.float(), dim=-1)))  # (N,) -> ()
+    return torch.stack(per_layer).mean()

@@ -426,3 +426,21 @@ def test_all_masked_returns_zero_with_grad_fn():
         s.grad = None
         out.backward()
         assert (s.grad == 0).all(), name
+
+
+def test_hidden_cosine_matches_reference_and_properties():
+    g = torch.Generator().manual_seed(31)
+    s = [torch.randn(2, 5, 8, generator=g, requires_grad=True) for _ in range(3)]  # 3 layers of (B, T, H)
+    t = [torch.randn(2, 5, 8, generator=g) * 10 for _ in range(3)]
+    mask = torch.tensor([[1, 1, 0, 1, 0], [0, 1, 1, 1, 1]], dtype=torch.bool)
+    ref = sum(sum(1 - torch.dot(a[b, i].double(), c[b, i].double()) / (a[b, i].double().norm() * c[b, i].double().norm())
+                  for b, i in mask.nonzero().tolist()) / int(mask.sum()) for a, c in zip(s, t)) / 3
+    out = losses.hidden_cosine(s, t, mask)
+    assert out.dtype == torch.float32 and torch.allclose(out.double(), ref, atol=1e-6)
+    assert losses.hidden_cosine(t, [x * 3 for x in t], mask).item() == pytest.approx(0.0, abs=1e-6)  # scale-free
+    assert losses.hidden_cosine(t, [-x for x in t], mask).item() == pytest.approx(2.0, abs=1e-6)
+    tt = [x.clone().requires_grad_(True) for x in t]
+    losses.hidden_cosine(s, tt, mask).backward()
+    assert all(x.grad is None for x in tt) and all(x.grad is not None for x in s)  # only the student learns
+    with pytest.raises(ValueError):
+        losses.hidden_cosine(s, t[:2], mask)

@@ -148,6 +148,7 @@ def test_lora_targets_that_match_nothing_list_the_linear_layers(tiny_teacher):
     (["distill.temperature=0"], ["distill.temperature=0", "must be > 0"]),
     (["distill.temperature=-1.5"], ["distill.temperature=-1.5"]),
     (["distill.soft_weight=0", "distill.pseudo_weight=0", "distill.hard_weight=0"], ["all 0"]),
+    (["distill.hidden_weight=0.5", "distill.topk_cache=8"], ["distill.topk_cache=8", "hidden_weight=0"]),
     (["teacher.method=qat"], ["teacher.method='qat'", "qlora, lora, full"]),
     (["teacher.lora.target_modules=[nope]"], ["no module matched", "q_proj"]),
     (["teacher.device=cuda"], ["teacher.device='cuda'", "CUDA is not available"]),
@@ -187,3 +188,55 @@ def test_each_divergence_gives_a_finite_soft_loss(tiny_teacher, divergence):
     batch = training.collate(tok.pad_token_id)(items)
     parts = DistillModule(student, teacher, cfg.distill).losses(batch)
     assert set(parts) == {"soft", "pseudo"} and all(torch.isfinite(v) and v > 0 for v in parts.values())
+
+
+def _module_batch(tiny_teacher, overrides):
+    from compress import training
+    from compress.data import load_splits
+    from students.distill import DistillModule, layer_map
+
+    _, teacher, tok = tiny_teacher
+    cfg = load_config(TINY + overrides)
+    student = loading.load(loading.resolve(cfg.student, "student"), cfg.student, "student")[0]
+    splits = load_splits(cfg.data)
+    items = training.encode_examples(tok, cfg.data, [e.text for e in splits.train[:4]], [" positive"] * 4, 256, [1] * 4)
+    batch = training.collate(tok.pad_token_id)(items)
+    lmap = layer_map(student.config, teacher.config, cfg.distill.hidden_weight)
+    return DistillModule(student, teacher, cfg.distill, layer_map=lmap), student, teacher, batch
+
+
+@pytest.mark.parametrize("soft_on", ["all", "answer"])
+def test_losses_on_selected_rows_equal_full_logits_reference(tiny_teacher, soft_on):
+    """The module projects only the rows a term reads; the values match full-logit losses."""
+    from students import losses
+
+    module, student, teacher, batch = _module_batch(tiny_teacher, [f"distill.soft_on={soft_on}"])
+    parts = module.losses(batch)
+    ids, attn = batch["input_ids"], batch["attention_mask"]
+    s = student(input_ids=ids, attention_mask=attn).logits[:, :-1]  # (B, T-1, V)
+    with torch.no_grad():
+        t = teacher(input_ids=ids, attention_mask=attn).logits[:, :-1]
+    valid = attn[:, 1:].bool()
+    answer = batch["answer_mask"][:, 1:] & valid
+    soft_mask = valid if soft_on == "all" else answer
+    assert torch.allclose(parts["soft"], losses.forward_kl(s, t, soft_mask, temperature=2.0), atol=1e-5)
+    assert torch.allclose(parts["pseudo"], losses.cross_entropy(s, ids[:, 1:], answer), atol=1e-5)
+
+
+def test_hidden_state_term_pairs_layers_and_trains_student_only(tiny_teacher):
+    from students.distill import layer_map
+
+    module, student, teacher, batch = _module_batch(tiny_teacher, ["distill.hidden_weight=1.0"])
+    assert module.layer_map == [round((j + 1) * teacher.config.num_hidden_layers / student.config.num_hidden_layers)
+                                for j in range(student.config.num_hidden_layers)]
+    parts = module.losses(batch)
+    assert set(parts) == {"soft", "pseudo", "hidden"} and 0 < parts["hidden"].item() < 2
+    sum(parts.values()).backward()
+    assert all(p.grad is None for p in teacher.parameters())
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in student.parameters())
+    cut = type(student.config)(**{**student.config.to_dict(), "num_hidden_layers": 2, "compress_kept_layers": [0, 5]})
+    deep = type(teacher.config)(**{**teacher.config.to_dict(), "num_hidden_layers": 9})
+    assert layer_map(cut, deep, 1.0) == [5, 9]  # layer 0 replaces teacher layers 0-4; the last one ends the stack
+    wide = type(teacher.config)(**{**teacher.config.to_dict(), "hidden_size": 128})
+    with pytest.raises(CompressError, match="distill.hidden_weight"):
+        layer_map(student.config, wide, 1.0)
