@@ -24,7 +24,7 @@ COLUMNS = [  # (record key, header, format)
     ("stage", "stage", "{}"), ("role", "model", "{}"), ("backend", "backend", "{}"),
     ("accuracy", "acc", "{:.3f}"), ("retention", "retention", "{:.3f}"), ("retention_base", "ret. base", "{:.3f}"), ("agreement", "agree", "{:.3f}"),
     ("perplexity", "ppl", "{:.2f}"), ("prefill_ms", "prefill ms", "{:.1f}"), ("decode_tok_s", "decode tok/s", "{:.1f}"),
-    ("speedup", "speed-up", "{:.2f}x"), ("size_mb", "size MB", "{:.1f}"), ("params", "params M", "{:.2f}"),
+    ("speedup", "speed up", "{:.2f}x"), ("size_mb", "size MB", "{:.1f}"), ("params", "params M", "{:.2f}"),
     ("peak_mem_mb", "peak MB", "{:.0f}"), ("stage_wall_s", "stage s", "{:.0f}"),
 ]
 CSV_FIELDS = ["stage", "role", "model", "backend", "accuracy", "retention", "retention_base", "agreement",
@@ -128,7 +128,7 @@ def table(records: list[dict], title: str = "results") -> Table:
     t = Table(title=title)
     for _, header, _ in COLUMNS:
         text = header in ("stage", "model", "backend")
-        t.add_column(header, justify="left" if text else "right", overflow="fold" if text else "ellipsis")
+        t.add_column(header, justify="left" if text else "right", overflow="fold", no_wrap=text)
     for r in records:
         t.add_row(*cells(r))
     return t
