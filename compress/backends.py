@@ -23,8 +23,8 @@ import torch
 from compress.errors import CompressError, Problem
 from compress.evaluate import LogitsFn, count_params, measure_latency, torch_logits_fn, weights_size_mb
 
-LLAMACPP_INSTALL = ('pip install "compress[llamacpp]" (builds llama-cpp-python from source, ~30 min on 2 cores; '
-                    'CMAKE_ARGS="-DGGML_NATIVE=ON" for this CPU)')
+LLAMACPP_INSTALL = ('CMAKE_ARGS="-DGGML_NATIVE=ON" pip install "compress[llamacpp]" (llama-cpp-python compiles '
+                    'llama.cpp from source: more than 15 minutes on 2 busy cores)')
 
 
 @dataclass
@@ -108,7 +108,9 @@ def tensor_bytes(model) -> int:
 
 def llamacpp_backend(gguf: Path, threads: int | None = None, logits_all: bool = False, n_ctx: int = 2048,
                      tokenizer=None) -> Backend:
-    """llama.cpp through llama-cpp-python; `logits_all=True` also gives a logits function."""
+    """llama.cpp through llama-cpp-python (not run by the test suite: an optional extra that
+    compiles from source); `logits_all=True` also gives a logits function (llama.cpp then
+    keeps every position's logits, in `llm.scores`)."""
     try:
         from llama_cpp import Llama
     except ImportError:
@@ -124,8 +126,8 @@ def llamacpp_backend(gguf: Path, threads: int | None = None, logits_all: bool = 
 
 
 def llamacpp_latency(llm, prompt_ids: list[int], decode_tokens: int, warmup: int, runs: int) -> dict:
-    """Same protocol as `measure_latency`: prefill ms of the prompt, then greedy decode tok/s."""
-    import numpy as np
+    """Same protocol as `measure_latency`: prefill ms of the prompt, then greedy decode tok/s
+    (llama.cpp's own greedy sampler picks each next token from the last logits)."""
 
     def prefill() -> float:
         llm.reset()
@@ -135,11 +137,9 @@ def llamacpp_latency(llm, prompt_ids: list[int], decode_tokens: int, warmup: int
 
     def decode() -> float:
         prefill()
-        token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
         t0 = time.perf_counter()
         for _ in range(decode_tokens):
-            llm.eval([token])
-            token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+            llm.eval([llm.sample(top_k=1, temp=0.0)])
         return decode_tokens / (time.perf_counter() - t0)
 
     for _ in range(warmup):

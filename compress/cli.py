@@ -12,6 +12,8 @@ import time
 import warnings
 from pathlib import Path
 
+from rich.markup import escape
+
 from compress.console import console, out, say
 from compress.errors import CompressError, Problem
 
@@ -196,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return COMMANDS[args.command][0](args)
     except CompressError as e:
-        console.print(f"[bold red]error:[/] {e.render()}", highlight=False, soft_wrap=True)
+        console.print(f"[bold red]error:[/] {escape(e.render())}", highlight=False, soft_wrap=True)
         return 2
     except OSError as e:
         if e.errno in (errno.ENOSPC, errno.EDQUOT):
