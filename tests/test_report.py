@@ -132,6 +132,7 @@ def test_bench_torch_folder(run, tmp_path):
 @pytest.mark.parametrize("setup, args, needle", [
     ("missing", [], "no such file or folder"),
     ("onnx", [], "onnxruntime backend lands with the export stage"),
+    ("gguf", [], 'pip install "compress[llamacpp]"'),
     ("teacher", ["--prompt-lengths", "8,x"], "--prompt-lengths='8,x'"),
     ("teacher", ["--prompt-lengths", "100000"], "exceeds the model's"),
 ])
@@ -141,6 +142,11 @@ def test_bench_bad_input_exits_2(run, tmp_path, setup, args, needle):
         path = tmp_path / "export"
         path.mkdir()
         (path / "model.onnx").write_bytes(b"")
+    if setup == "gguf":
+        if __import__("importlib").util.find_spec("llama_cpp") is not None:
+            pytest.skip("llama-cpp-python is installed here")
+        path = tmp_path / "model.gguf"
+        path.write_bytes(b"GGUF")
     if setup == "teacher":
         path = json.loads((run / "results.json").read_text())["records"][0]["path"]
     proc = cli("bench", str(path), "--runs", "1", "--decode-tokens", "2", *args)
