@@ -131,6 +131,8 @@ def main() -> None:
                 models.append({"model": f"{r['stage']} {r['role']}:{r['model']} ({r.get('backend')})",
                                "path": Path(r["path"]), "source": f"{run.name}/results.json",
                                "decode_tok_s": r["decode_tok_s"]})
+    if any(Path(m["path"]) == teacher_dir for m in models[1:]):  # the run measured this teacher already
+        models = models[1:]
     rows = []
     for m in models:
         if "decode_tok_s" not in m:
