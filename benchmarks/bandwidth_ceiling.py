@@ -94,7 +94,9 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=5, help="passes per size; the best is kept")
     p.add_argument("--threads", type=int, help="torch threads for reading and decoding")
     p.add_argument("--decode-tokens", type=int, default=64)
-    p.add_argument("--runs", type=int, default=3, help="timed decode runs of the teacher (median)")
+    p.add_argument("--runs", type=int, default=3, help="timed decode runs (median) of what is measured here")
+    p.add_argument("--measure", action="store_true", help="measure every model's decode here, next to the "
+                   "bandwidth, instead of reading the run's results.json (fairer on a busy machine)")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "bandwidth_ceiling.json")
     args = p.parse_args()
     sys.path.insert(0, str(ROOT))
@@ -130,8 +132,10 @@ def main() -> None:
             if r.get("path") and r.get("decode_tok_s") and Path(r["path"]).exists():
                 models.append({"model": f"{r['stage']} {r['role']}:{r['model']} ({r.get('backend')})",
                                "path": Path(r["path"]), "source": f"{run.name}/results.json",
-                               "decode_tok_s": r["decode_tok_s"]})
-    if any(Path(m["path"]) == teacher_dir for m in models[1:]):  # the run measured this teacher already
+                               **({} if args.measure else {"decode_tok_s": r["decode_tok_s"]})})
+                if args.measure:
+                    models[-1]["source"] = "measured here"
+    if any(Path(m["path"]) == teacher_dir for m in models[1:]):  # the run has this teacher already
         models = models[1:]
     rows = []
     for m in models:

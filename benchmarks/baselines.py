@@ -49,7 +49,7 @@ def int8_dynamic(model):
     import warnings
 
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)  # torch.ao eager quantization: deprecated, still works
+        warnings.simplefilter("ignore")  # torch.ao eager quantization: deprecated, still works
         from torch.ao.quantization import default_dynamic_qconfig, quantize_dynamic
 
         spec = {name: default_dynamic_qconfig for name, m in model.named_modules()
