@@ -41,7 +41,7 @@ def read_bandwidth(sizes_mb: list[int], repeats: int) -> list[dict]:
     for mb in sizes_mb:
         a = np.ones(mb * 2**20 // 4, dtype=np.float32)
         t = torch.from_numpy(a)
-        for name, fn in (("numpy, 1 thread", a.sum), (f"torch, {torch.get_num_threads()} threads", t.sum)):
+        for name, fn in (("numpy, 1 thread", a.sum), (f"torch, {torch.get_num_threads()} thread(s)", t.sum)):
             fn()  # touch the pages
             best = min(_timed(fn) for _ in range(repeats))
             rows.append({"size_mb": mb, "reader": name, "gb_s": a.nbytes / best / 1e9})
