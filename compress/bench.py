@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from rich.markup import escape
 from rich.table import Table
 
 from compress.backends import open_backend
@@ -42,7 +43,7 @@ def bench(spec: str | Path, threads: int | None = None, prompt_lengths=(32, 128,
 
 def table(result: dict) -> Table:
     params = f", {result['params'] / 1e6:.1f} M params" if result.get("params") else ""
-    t = Table(title=f"bench {result['model']} ({result['backend']}, {result['threads']} threads, "
+    t = Table(title=f"bench {escape(result['model'])} ({result['backend']}, {result['threads']} threads, "
                     f"{result['size_mb']:.1f} MB{params}, peak {result['peak_mem_mb']:.0f} MB)")
     for col in ("prompt tokens", "prefill ms", "prefill tok/s", f"decode tok/s ({result['decode_tokens']} new)"):
         t.add_column(col, justify="right")

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from compress import results
@@ -92,7 +93,7 @@ def table(run_dir: Path, stage: str, rows: list[Check]) -> Table:
     for col in ("record", "rule", "measured", "result"):
         t.add_column(col, justify="right" if col == "measured" else "left")
     for c in rows:
-        t.add_row(c.record, c.what, c.value, "[green]pass[/]" if c.passed else "[bold red]FAIL[/]")
+        t.add_row(escape(c.record), c.what, c.value, "[green]pass[/]" if c.passed else "[bold red]FAIL[/]")
     return t
 
 

@@ -59,7 +59,7 @@ def test_check_passes_and_fails_at_the_measured_retention(run):
     retention = json.loads((run / "results.json").read_text())["records"][1]["retention"]
     ok = cli("check", str(run), "--min-retention", f"{retention - 0.001:.4f}")
     assert ok.returncode == 0, ok.stdout + ok.stderr
-    assert "PASS" in ok.stdout and "evaluate student:tiny-random" in ok.stdout
+    assert "PASS" in ok.stdout and "evaluate student:tiny-random [torch]" in ok.stdout
     bad = cli("check", str(run), "--min-retention", f"{retention + 0.001:.4f}", "--stage", "evaluate")
     assert bad.returncode == 1, bad.stdout + bad.stderr
     assert "FAIL" in bad.stdout
