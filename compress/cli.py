@@ -12,6 +12,8 @@ import time
 import warnings
 from pathlib import Path
 
+from rich.markup import escape
+
 from compress.console import console, out, say
 from compress.errors import CompressError, Problem
 
@@ -108,10 +110,47 @@ def _model_source(spec: str) -> dict:
     return source
 
 
+def cmd_report(args) -> int:
+    from compress.report import write_report
+
+    md, png = write_report(Path(args.run))
+    out.print(f"{md}\n{png}")
+    return 0
+
+
+def cmd_check(args) -> int:
+    from compress import gate
+
+    run = Path(args.run)
+    stage, rows = gate.checks(run, args.min_retention, args.stage, Path(args.baseline) if args.baseline else None,
+                              args.max_drop)
+    out.print(gate.table(run, stage, rows))
+    return 0 if all(c.passed for c in rows) else 1
+
+
+def cmd_bench(args) -> int:
+    from compress.artifact import write_json
+    from compress.bench import bench, table
+
+    try:
+        lengths = [int(n) for n in args.prompt_lengths.split(",") if n.strip()]
+    except ValueError:
+        raise CompressError(Problem("--prompt-lengths", args.prompt_lengths, "comma-separated integers, e.g. "
+                                    "32,128,512")) from None
+    result = bench(args.model, args.threads, lengths or [128], args.decode_tokens, args.warmup, args.runs)
+    out.print(table(result))
+    if args.json:
+        write_json(Path(args.json), result)
+    return 0
+
+
 COMMANDS = {  # name: (function, one-line help)
     "run": (cmd_run, "run a pipeline of stages (default: the embedded SmolLM2 job) and report every stage"),
     "presets": (cmd_presets, "list every config group option and every stage, one line each"),
     "eval": (cmd_eval, "evaluate one model (folder, run stage folder, .gguf file or hub id) on a task"),
+    "report": (cmd_report, "rebuild a run's report.md and report.png from its results.json"),
+    "check": (cmd_check, "gate a run on retained accuracy: exit 0 pass, 1 fail, 2 bad input"),
+    "bench": (cmd_bench, "latency only (prefill at several prompt lengths, decode tok/s, peak memory) of a model"),
 }
 
 
@@ -124,6 +163,24 @@ def parser() -> argparse.ArgumentParser:
         if name == "eval":
             sp.add_argument("model", metavar="MODEL", help="model folder, stage folder, .gguf file or hub id")
             sp.add_argument("--out", help="also write the record as JSON to this file")
+        if name in ("report", "check"):
+            sp.add_argument("run", metavar="RUN", help="a run folder, <run.root>/<run.name>")
+        if name == "check":
+            sp.add_argument("--min-retention", type=float, default=0.9,
+                            help="lowest allowed accuracy / reference teacher's accuracy (default 0.9)")
+            sp.add_argument("--stage", help="stage to check (default: the last stage that evaluated a student)")
+            sp.add_argument("--baseline", metavar="OTHER_RUN", help="also compare accuracy with this run's same stage")
+            sp.add_argument("--max-drop", type=float, default=0.01,
+                            help="largest allowed accuracy fall against --baseline (default 0.01)")
+        if name == "bench":
+            sp.add_argument("model", metavar="MODEL", help="model folder, a run's stage folder (its model/) or a "
+                            ".gguf file (llama.cpp)")
+            sp.add_argument("--threads", type=int, help="CPU threads (default: torch's default)")
+            sp.add_argument("--prompt-lengths", default="32,128,512", help="prompt tokens to time prefill at")
+            sp.add_argument("--decode-tokens", type=int, default=64, help="new tokens per decode timing")
+            sp.add_argument("--warmup", type=int, default=1, help="untimed runs first")
+            sp.add_argument("--runs", type=int, default=5, help="timed runs; medians are reported")
+            sp.add_argument("--json", metavar="PATH", help="also write the result as JSON")
         if name == "run":
             sp.add_argument("--dry-run", action="store_true", help="print the composed config and stop")
         if name in ("run", "eval"):
@@ -141,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return COMMANDS[args.command][0](args)
     except CompressError as e:
-        console.print(f"[bold red]error:[/] {e.render()}", highlight=False, soft_wrap=True)
+        console.print(f"[bold red]error:[/] {escape(e.render())}", highlight=False, soft_wrap=True)
         return 2
     except OSError as e:
         if e.errno in (errno.ENOSPC, errno.EDQUOT):

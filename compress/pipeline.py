@@ -21,6 +21,7 @@ from compress import results
 from compress.artifact import Artifact, finish, is_done, versions, write_json
 from compress.console import out, say
 from compress.hub import text_hash
+from compress.report import write_report
 from compress.stages import evaluate
 from students import distill
 from teachers import finetune
@@ -115,6 +116,8 @@ def run_pipeline(cfg) -> Path:
     res = results.collect(stage_dirs(cfg))
     results.write(root, res)
     out.print(results.table(res["records"], title=f"results: {root}"))
+    md, png = write_report(root)
+    say(f"report: {md} and {png}")
     return root
 
 

@@ -1,6 +1,15 @@
-"""`<run>/results.json`: one record per stage and model, rebuilt from the stage folders."""
+"""`<run>/results.json` and `results.csv`: one record per stage, model and backend, rebuilt
+from the stage folders.
+
+Collecting puts every record on the same footing: `retention` is accuracy over the run's
+*reference teacher* (the last teacher measured: the fine-tuned one when the pipeline
+fine-tunes), `retention_base` over the base teacher of the `evaluate` stage, and
+`speedup` is decode tokens/s over that base (fp32 on CPU) teacher's, measured in the same run.
+"""
 from __future__ import annotations
 
+import csv
+import json
 import os
 import platform
 import time
@@ -15,8 +24,12 @@ COLUMNS = [  # (record key, header, format)
     ("stage", "stage", "{}"), ("role", "model", "{}"), ("backend", "backend", "{}"),
     ("accuracy", "acc", "{:.3f}"), ("retention", "retention", "{:.3f}"), ("retention_base", "ret. base", "{:.3f}"), ("agreement", "agree", "{:.3f}"),
     ("perplexity", "ppl", "{:.2f}"), ("prefill_ms", "prefill ms", "{:.1f}"), ("decode_tok_s", "decode tok/s", "{:.1f}"),
-    ("size_mb", "size MB", "{:.1f}"), ("params", "params M", "{:.2f}"), ("peak_mem_mb", "peak MB", "{:.0f}"),
+    ("speedup", "speed up", "{:.2f}x"), ("size_mb", "size MB", "{:.1f}"), ("params", "params M", "{:.2f}"),
+    ("peak_mem_mb", "peak MB", "{:.0f}"), ("stage_wall_s", "stage s", "{:.0f}"),
 ]
+CSV_FIELDS = ["stage", "role", "model", "backend", "accuracy", "retention", "retention_base", "agreement",
+              "perplexity", "prefill_ms", "decode_tok_s", "speedup", "size_mb", "params", "peak_mem_mb",
+              "stage_wall_s", "path"]
 
 
 def hardware() -> dict:
@@ -35,33 +48,87 @@ def hardware() -> dict:
 
 
 def collect(stage_dirs: list[Path]) -> dict:
-    """Header (hardware, versions) and the records of every finished stage, in pipeline order."""
+    """Header (hardware, versions, reference teachers) and the records of every finished stage,
+    in pipeline order, with retention and speed-up against this run's teachers."""
     records = []
     for d in stage_dirs:
         if (d / "DONE").exists():
-            records += Artifact.load(d).metrics().get("records", [])
-    return {"header": {"created": time.strftime("%Y-%m-%dT%H:%M:%S"), "hardware": hardware(),
-                       "versions": versions()}, "records": records}
+            metrics = Artifact.load(d).metrics()
+            for r in metrics.get("records", []):
+                records.append({**r, "stage_wall_s": r.get("stage_wall_s", metrics.get("wall_s"))})
+    header = {"created": time.strftime("%Y-%m-%dT%H:%M:%S"), "hardware": hardware(), "versions": versions(),
+              **relate(records)}
+    return {"header": header, "records": records}
+
+
+def relate(records: list[dict]) -> dict:
+    """Set retention, retention_base and speedup of every record in place; return the references."""
+    teachers = [r for r in records if r.get("role") == "teacher"]
+    base = next((r for r in teachers if r.get("stage") == "evaluate"), teachers[0] if teachers else None)
+    ref = next((r for r in reversed(teachers) if r.get("accuracy") is not None), None)
+    for r in records:
+        if ref is not None:
+            r["retention"] = _ratio(r.get("accuracy"), ref.get("accuracy"))
+        if base is not None:
+            r["retention_base"] = _ratio(r.get("accuracy"), base.get("accuracy"))
+            r["speedup"] = _ratio(r.get("decode_tok_s"), base.get("decode_tok_s"))
+    name = lambda r: None if r is None else {k: r.get(k) for k in ("stage", "model", "backend", "accuracy",
+                                                                   "decode_tok_s")}  # noqa: E731
+    return {"reference": name(ref), "base_teacher": name(base)}
+
+
+def _ratio(a, b):
+    return a / b if a is not None and b else None
 
 
 def write(run_dir: Path, results: dict) -> Path:
+    """results.json (header + records) and results.csv (one row per record, no header record)."""
     path = run_dir / "results.json"
     write_json(path, results)
+    with open(run_dir / "results.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=CSV_FIELDS, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(results["records"])
     return path
+
+
+def load(run_dir: Path) -> dict:
+    """A run's results.json; CompressError (exit 2) when the run or its results are missing."""
+    from compress.errors import CompressError, Problem
+
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise CompressError(Problem("RUN", str(run_dir), "no such run folder: give `<run.root>/<run.name>`, "
+                                    "e.g. runs/exp1"))
+    path = run_dir / "results.json"
+    if not path.is_file():
+        raise CompressError(Problem("RUN", str(run_dir), "has no results.json: the run has not finished a stage "
+                                    "yet; run `compress run ...` with the same run.name first"))
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise CompressError(Problem("RUN", str(path), f"is not valid JSON ({e}); rerun `compress run` to "
+                                    "rebuild it")) from None
+
+
+def cells(record: dict) -> list[str]:
+    """One record formatted as the table's cells (COLUMNS order); '-' where not measured."""
+    out = []
+    for key, _, fmt in COLUMNS:
+        v = record.get(key)
+        if key == "role":
+            v = f"{record.get('role')}:{record.get('model')}"
+        if key == "params" and v is not None:
+            v = v / 1e6
+        out.append("-" if v is None else fmt.format(v))
+    return out
 
 
 def table(records: list[dict], title: str = "results") -> Table:
     t = Table(title=title)
     for _, header, _ in COLUMNS:
-        t.add_column(header, justify="left" if header in ("stage", "model", "backend") else "right")
+        text = header in ("stage", "model", "backend")
+        t.add_column(header, justify="left" if text else "right", overflow="fold", no_wrap=text)
     for r in records:
-        cells = []
-        for key, _, fmt in COLUMNS:
-            v = r.get(key)
-            if key == "role":
-                v = f"{r.get('role')}:{r.get('model')}"
-            if key == "params" and v is not None:
-                v = v / 1e6
-            cells.append("-" if v is None else fmt.format(v))
-        t.add_row(*cells)
+        t.add_row(*cells(r))
     return t

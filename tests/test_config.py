@@ -60,7 +60,7 @@ def test_cli_help_lists_every_command(capsys):
     with pytest.raises(SystemExit):
         main(["--help"])
     text = capsys.readouterr().out
-    for command in ("run", "presets", "eval"):
+    for command in ("run", "presets", "eval", "report", "check", "bench"):
         assert command in text
 
 

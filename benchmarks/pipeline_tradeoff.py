@@ -1,0 +1,48 @@
+"""The table users will quote: the whole default pipeline on the embedded model, every stage
+evaluated the same way (accuracy, retention, decode tok/s and speed-up against the fp32
+teacher measured in the same run, size, memory), plus report.md / report.png.
+
+    python benchmarks/pipeline_tradeoff.py                       # `compress run` on the default job
+    python benchmarks/pipeline_tradeoff.py run.name=tradeoff data.eval_size=200
+
+OVERRIDEs are `compress run` overrides (default run.name: pipeline_tradeoff, so a rerun
+resumes). Writes benchmarks/results/pipeline_tradeoff.json (header + records of results.json).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "pipeline_tradeoff.json")
+    p.add_argument("overrides", nargs="*", metavar="OVERRIDE")
+    args = p.parse_args()
+    sys.path.insert(0, str(ROOT))
+    from compress.cli import _quiet
+    from compress.config import load_config
+    from compress.console import say
+    from compress.pipeline import preflight, run_pipeline
+
+    _quiet()
+    overrides = args.overrides if any(o.startswith("run.name=") for o in args.overrides) \
+        else ["run.name=pipeline_tradeoff", *args.overrides]
+    cfg = load_config(overrides)
+    preflight(cfg)
+    t0 = time.perf_counter()
+    run = run_pipeline(cfg)  # prints the results table, writes results.json/csv and the report
+    res = json.loads((run / "results.json").read_text())
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({"run": str(run), "overrides": args.overrides, "wall_s": time.perf_counter() - t0,
+                                    "report": str(run / "report.md"), **res}, indent=2, default=str))
+    say(f"wrote {args.out} (report: {run / 'report.md'}, {run / 'report.png'})")
+
+
+if __name__ == "__main__":
+    main()

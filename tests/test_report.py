@@ -1,0 +1,167 @@
+"""results.json/csv, report.md/png, `compress check` (exit codes 0/1/2), `compress report`,
+`compress bench` and `assert_retention`, on a real tiny run and on results files derived from it."""
+import csv
+import json
+import shutil
+
+import pytest
+
+from compress.errors import CompressError
+from compress.report import pareto
+from compress.results import relate
+from compress.testing import assert_retention
+from conftest import TINY, cli
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("runs")
+    proc = cli("run", *TINY, "pipeline=evaluate", f"run.root={root}", "run.name=A")
+    assert proc.returncode == 0, proc.stderr
+    return root / "A"
+
+
+def _derived(run, tmp_path, name: str, student_accuracy_delta: float):
+    """A copy of the run's results with the student's accuracy moved (as a worse or better change would)."""
+    res = json.loads((run / "results.json").read_text())
+    student = res["records"][1]
+    student["accuracy"] += student_accuracy_delta
+    relate(res["records"])
+    out = tmp_path / name
+    out.mkdir()
+    (out / "results.json").write_text(json.dumps(res))
+    return out, student
+
+
+def test_run_writes_results_csv_and_report(run):
+    res = json.loads((run / "results.json").read_text())
+    teacher, student = res["records"]
+    assert teacher["speedup"] == 1.0 and teacher["retention"] == 1.0
+    assert student["speedup"] == pytest.approx(student["decode_tok_s"] / teacher["decode_tok_s"])
+    assert student["stage_wall_s"] > 0 and res["header"]["base_teacher"]["stage"] == "evaluate"
+    rows = list(csv.DictReader((run / "results.csv").open()))
+    assert [r["role"] for r in rows] == ["teacher", "student"]
+    assert {"retention", "retention_base", "speedup", "prefill_ms", "decode_tok_s", "stage_wall_s"} <= set(rows[0])
+    md = (run / "report.md").read_text()
+    assert "| evaluate | student:tiny-random | torch |" in md and "`00_evaluate`" in md and "```yaml" in md
+    assert (run / "report.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_report_command_rebuilds(run):
+    (run / "report.png").unlink()
+    (run / "report.md").unlink()
+    proc = cli("report", str(run))
+    assert proc.returncode == 0, proc.stderr
+    assert (run / "report.png").is_file() and (run / "report.md").is_file()
+
+
+def test_check_passes_and_fails_at_the_measured_retention(run):
+    retention = json.loads((run / "results.json").read_text())["records"][1]["retention"]
+    ok = cli("check", str(run), "--min-retention", f"{retention - 0.001:.4f}")
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    assert "PASS" in ok.stdout and "evaluate student:tiny-random [torch]" in ok.stdout
+    bad = cli("check", str(run), "--min-retention", f"{retention + 0.001:.4f}", "--stage", "evaluate")
+    assert bad.returncode == 1, bad.stdout + bad.stderr
+    assert "FAIL" in bad.stdout
+
+
+def test_check_baseline_drop(run, tmp_path):
+    worse, student = _derived(run, tmp_path, "worse", -0.05)
+    low = f"{student['retention'] / 2:.4f}"  # retention passes: only the drop decides
+    assert cli("check", str(worse), "--min-retention", low, "--baseline", str(run)).returncode == 1
+    proc = cli("check", str(worse), "--min-retention", low, "--baseline", str(run), "--max-drop", "0.06")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "drop -0.050" not in proc.stdout and "drop +0.050" in proc.stdout
+    better, _ = _derived(run, tmp_path, "better", +0.05)
+    assert cli("check", str(better), "--min-retention", low, "--baseline", str(run)).returncode == 0
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["/no/such/run"], "no such run folder"),
+    (["EMPTY"], "has no results.json"),
+    (["RUN", "--stage", "prune"], "no such stage in this run; its stages are ['evaluate']"),
+    (["RUN", "--baseline", "OTHER"], "has no accuracy for evaluate student"),
+    (["RUN", "--min-retention", "-1"], "--min-retention=-1.0"),
+])
+def test_check_bad_input_exits_2(run, tmp_path, args, needle):
+    (tmp_path / "EMPTY").mkdir()
+    other = tmp_path / "OTHER"
+    other.mkdir()
+    (other / "results.json").write_text(json.dumps({"header": {}, "records": []}))
+    args = [str(run) if a == "RUN" else str(tmp_path / a) if a in ("EMPTY", "OTHER") else a for a in args]
+    proc = cli("check", *args)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert needle in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_assert_retention(run, tmp_path):
+    retention = json.loads((run / "results.json").read_text())["records"][1]["retention"]
+    assert_retention(run, min_retention=retention - 0.001)
+    with pytest.raises(AssertionError, match="FAIL") as info:
+        assert_retention(run, min_retention=retention + 0.001, stage="evaluate")
+    assert "retention >= " in str(info.value)
+    with pytest.raises(CompressError):
+        assert_retention(tmp_path / "missing")
+
+
+def test_relate_uses_fine_tuned_teacher_and_base_speed():
+    records = [{"stage": "evaluate", "role": "teacher", "accuracy": 0.5, "decode_tok_s": 10.0},
+               {"stage": "finetune_teacher", "role": "teacher", "accuracy": 0.8, "decode_tok_s": 10.0},
+               {"stage": "distill", "role": "student", "accuracy": 0.72, "decode_tok_s": 30.0}]
+    refs = relate(records)
+    assert records[2]["retention"] == pytest.approx(0.9) and records[2]["retention_base"] == pytest.approx(1.44)
+    assert records[2]["speedup"] == pytest.approx(3.0) and refs["reference"]["stage"] == "finetune_teacher"
+
+
+def test_pareto_front():
+    assert pareto([(1, 0.9), (2, 0.8), (3, 0.5), (1.5, 0.7), (2, 0.6)]) == [(3, 0.5), (2, 0.8), (1, 0.9)]
+
+
+def test_bench_torch_folder(run, tmp_path):
+    teacher = json.loads((run / "results.json").read_text())["records"][0]["path"]
+    out = tmp_path / "bench.json"
+    proc = cli("bench", teacher, "--prompt-lengths", "8,16", "--decode-tokens", "4", "--runs", "1", "--warmup", "0",
+               "--threads", "1", "--json", str(out))
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(out.read_text())
+    assert result["backend"] == "torch" and [r["prompt_tokens"] for r in result["rows"]] == [8, 16]
+    assert all(r["prefill_ms"] > 0 and r["decode_tok_s"] > 0 for r in result["rows"]) and result["threads"] == 1
+    assert "decode tok/s" in proc.stdout
+
+
+@pytest.mark.parametrize("setup, args, needle", [
+    ("missing", [], "no such file or folder"),
+    ("onnx", [], "onnxruntime backend lands with the export stage"),
+    ("gguf", [], 'pip install "compress[llamacpp]"'),
+    ("teacher", ["--prompt-lengths", "8,x"], "--prompt-lengths='8,x'"),
+    ("teacher", ["--prompt-lengths", "100000"], "exceeds the model's"),
+])
+def test_bench_bad_input_exits_2(run, tmp_path, setup, args, needle):
+    path = tmp_path / "missing"
+    if setup == "onnx":
+        path = tmp_path / "export"
+        path.mkdir()
+        (path / "model.onnx").write_bytes(b"")
+    if setup == "gguf":
+        if __import__("importlib").util.find_spec("llama_cpp") is not None:
+            pytest.skip("llama-cpp-python is installed here")
+        path = tmp_path / "model.gguf"
+        path.write_bytes(b"GGUF")
+    if setup == "teacher":
+        path = json.loads((run / "results.json").read_text())["records"][0]["path"]
+    proc = cli("bench", str(path), "--runs", "1", "--decode-tokens", "2", *args)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert needle in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_report_without_accuracy(run, tmp_path):
+    from compress.report import write_report
+
+    res = json.loads((run / "results.json").read_text())
+    for r in res["records"]:
+        r.pop("accuracy"), r.pop("retention", None)
+    dest = tmp_path / "noacc"
+    shutil.copytree(run, dest)
+    (dest / "results.json").write_text(json.dumps(res))
+    md, png = write_report(dest)
+    assert png.is_file() and "| - |" in md.read_text()
