@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import errno
 import os
+import signal
 import sys
 import time
 import warnings
@@ -37,9 +38,16 @@ def cmd_run(args) -> int:
     from compress.config import load_config
     from compress.pipeline import preflight, run_pipeline
 
+    from compress import dist
+
     cfg = load_config(args.overrides)
     if cfg.run.name is None:
-        OmegaConf.update(cfg, "run.name", time.strftime("%Y%m%d-%H%M%S"))
+        if dist.launched_externally() and not os.environ.get("COMPRESS_RUN_NAME"):
+            raise CompressError(Problem("run.name", None, "several processes (torchrun / SLURM) must share one "
+                                        "run folder: set run.name= the same name on every process"))
+        # processes that Lightning's DDP launcher starts run this command again: same name for them
+        os.environ.setdefault("COMPRESS_RUN_NAME", time.strftime("%Y%m%d-%H%M%S"))
+        OmegaConf.update(cfg, "run.name", os.environ["COMPRESS_RUN_NAME"])
     preflight(cfg)  # bad config or data fails here, before any stage starts
     if args.dry_run:
         out.print(OmegaConf.to_yaml(cfg))
@@ -138,6 +146,8 @@ def main(argv: list[str] | None = None) -> int:
         p.print_help()
         return 2
     _quiet()
+    if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:  # a preempted job: release the lock, keep the stage
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     try:
         return COMMANDS[args.command][0](args)
     except CompressError as e:
