@@ -100,6 +100,23 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_plan(args) -> int:
+    from compress import plan
+    from compress.config import load_config
+    from compress.validate import validate
+    from teachers.loading import pick_device
+
+    cfg = load_config(args.overrides)
+    validate(cfg)
+    mem = plan.parse_size(args.gpu_mem) if args.gpu_mem else None
+    device = args.device or ("cuda" if mem else str(pick_device(cfg.teacher.device)))
+    result = plan.plan(cfg, device)
+    out.print(plan.table(result, mem, cfg))
+    if mem:
+        out.print(plan.verdict(result, mem, cfg))
+    return 0
+
+
 def _model_source(spec: str) -> dict:
     """MODEL as a stage folder (its model/), a model folder, a .gguf file, or a hub id."""
     path = Path(spec).expanduser()
@@ -120,6 +137,7 @@ COMMANDS = {  # name: (function, one-line help)
     "run": (cmd_run, "run a pipeline of stages (default: the embedded SmolLM2 job) and report every stage"),
     "presets": (cmd_presets, "list every config group option and every stage, one line each"),
     "eval": (cmd_eval, "evaluate one model (folder, run stage folder, .gguf file or hub id) on a task"),
+    "plan": (cmd_plan, "estimate peak memory of fine-tuning (full / LoRA / QLoRA) and distillation; what fits"),
 }
 
 
@@ -134,7 +152,11 @@ def parser() -> argparse.ArgumentParser:
             sp.add_argument("--out", help="also write the record as JSON to this file")
         if name == "run":
             sp.add_argument("--dry-run", action="store_true", help="print the composed config and stop")
-        if name in ("run", "eval"):
+        if name == "plan":
+            sp.add_argument("--gpu-mem", help="memory per device, e.g. 24GB: say which methods fit")
+            sp.add_argument("--device", choices=("cpu", "cuda"), help="plan for this device (default: cuda with "
+                            "--gpu-mem, else the teacher's device)")
+        if name in ("run", "eval", "plan"):
             sp.add_argument("overrides", nargs="*", metavar="OVERRIDE", help=OVERRIDES_HELP)
     return p
 
