@@ -64,6 +64,16 @@ def preflight(cfg) -> None:
     load_splits(cfg.data)
     if "finetune_teacher" in cfg.pipeline.stages and cfg.teacher.method == "qlora":
         finetune.check_4bit(pick_device(cfg.teacher.device))
+    if "distill" in cfg.pipeline.stages and cfg.distill.soft_weight > 0 and (cfg.student.path or cfg.student.random):
+        _check_vocabularies(cfg)  # a student of its own: fail now, not after hours of earlier stages
+
+
+def _check_vocabularies(cfg) -> None:
+    from teachers import loading
+
+    t = loading.load_tokenizer(loading.resolve(cfg.teacher, "teacher"), cfg.teacher, "teacher")
+    s = loading.load_tokenizer(loading.resolve(cfg.student, "student"), cfg.student, "student")
+    distill.check_tokenizers(t, s, cfg.distill.soft_weight)
 
 
 def run_dir(cfg) -> Path:
@@ -102,7 +112,6 @@ def run_pipeline(cfg) -> Path:
         return _follow(cfg, root)
     root.mkdir(parents=True, exist_ok=True)
     with run_lock(root, cfg.run.name):
-        OmegaConf.save(cfg, root / "config.yaml", resolve=True)
         src = Artifact.start()
         for path in stage_dirs(cfg):
             stage = STAGES[path.name.split("_", 1)[1]]
@@ -119,6 +128,7 @@ def run_pipeline(cfg) -> Path:
             say(f"[bold]▶ {path.name}[/]: {stage.summary}")
             src = _run_stage(cfg, stage, src, path, chash, identity, eval_hash)
         res = results.collect(stage_dirs(cfg))
+        OmegaConf.save(cfg, root / "config.yaml", resolve=True)  # the job that results.json reports
         results.write(root, res)
     out.print(results.table(res["records"], title=f"results: {root}"))
     return root
