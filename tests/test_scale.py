@@ -27,8 +27,9 @@ def test_ddp_on_cpu_matches_one_process_with_the_same_global_batch(tmp_path):
     assert "00_evaluate: up to date, skipped" in ddp.stderr
     a, b = _curve(tmp_path / "one"), _curve(tmp_path / "ddp")
     assert len(a) == len(b) == 8
+    print("one process:", [round(x, 4) for x in a], "\nddp x2:     ", [round(y, 4) for y in b])
     # Each rank averages the loss over its own tokens and DDP averages the ranks, while one process
     # averages over all tokens of the batch: equal up to how tokens split between ranks.
     for x, y in zip(a, b):
-        assert y == pytest.approx(x, rel=0.03), (a, b)
+        assert y == pytest.approx(x, rel=0.01), (a, b)  # measured: equal to 4 decimals
     assert (tmp_path / "ddp" / "01_distill" / "DONE").exists() and not (tmp_path / "ddp" / ".lock").exists()
