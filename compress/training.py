@@ -144,11 +144,8 @@ def _devices(value: str):
 
 
 class Resume(L.Callback):
-    """Completes Lightning's checkpoints so a resumed run continues exactly: the RNG states
-    (dropout, e.g. LoRA's) go in; the stage folder learns that training began (other ranks join)."""
-
-    def __init__(self, out: Path):
-        self.out = out
+    """Completes Lightning's checkpoints so that a resumed run continues exactly: the RNG states
+    (dropout, e.g. LoRA's) go in with the weights, optimizer, scheduler and loop state."""
 
     def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
         checkpoint["compress_rng"] = {"torch": torch.get_rng_state(), "python": random.getstate(),
@@ -197,7 +194,7 @@ def make_trainer(tcfg, ocfg, out: Path, has_val: bool):
         num_nodes=tcfg.num_nodes, precision=precision(tcfg), use_distributed_sampler=False,  # StepBatches shards
         gradient_clip_val=ocfg.max_grad_norm or None, log_every_n_steps=tcfg.log_every,
         enable_progress_bar=tcfg.progress_bar, enable_model_summary=False, num_sanity_val_steps=0,
-        logger=CSVLogger(out, name="logs", version=""), callbacks=[ckpt, Resume(out), GlobalLoss()],
+        logger=CSVLogger(out, name="logs", version=""), callbacks=[ckpt, Resume(), GlobalLoss()],
         default_root_dir=out, **val,
     )
     if not dist.is_follower() and (out / PARTIAL).exists():
