@@ -202,8 +202,9 @@ def _run_stage(cfg, stage: Stage, src: Artifact, path: Path, chash: str, identit
                 "input": src.identity,
                 "input_path": str(src.path) if src.path else None, "versions": versions(),
                 "finished": time.strftime("%Y-%m-%dT%H:%M:%S"), "wall_s": wall}
-    for name in ("checkpoints", PARTIAL, TRAINING):  # resume state, not part of the artifact
-        shutil.rmtree(tmp / name, ignore_errors=True) if (tmp / name).is_dir() else (tmp / name).unlink(missing_ok=True)
+    shutil.rmtree(tmp / "checkpoints", ignore_errors=True)  # resume state, not part of the artifact
+    for name in (PARTIAL, TRAINING):
+        (tmp / name).unlink(missing_ok=True)
     finish(tmp, path, metrics, manifest)
     say(f"[green]✓[/] {path.name}: done in {wall:.1f} s")
     return Artifact.load(path)
