@@ -98,7 +98,9 @@ def step_loader(items: list[dict], batch_size: int, pad_id: int, seed: int, trai
         return trainer.global_step * accum, trainer.global_rank, trainer.world_size
 
     sampler = StepBatches(len(items), batch_size, trainer.max_steps * accum, seed, where)
-    return torch.utils.data.DataLoader(items, batch_sampler=sampler, collate_fn=collate(pad_id))
+    # its own generator: iter() draws a worker seed, which must not move the global RNG (dropout)
+    return torch.utils.data.DataLoader(items, batch_sampler=sampler, collate_fn=collate(pad_id),
+                                       generator=torch.Generator().manual_seed(seed))
 
 
 def loader(items: list[dict], batch_size: int, pad_id: int, shuffle: bool, seed: int = 0):

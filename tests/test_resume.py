@@ -14,10 +14,16 @@ from safetensors.torch import load_file
 
 from conftest import TINY, cli
 
-KILL = TINY + ["pipeline.stages=[evaluate,distill]", "distill=quick", "distill.max_steps=40",
-               "trainer.checkpoint_every=5", "trainer.log_every=1", "trainer.progress_bar=false",
-               "eval.latency=false", "eval.perplexity=false"]
+COMMON = TINY + ["trainer.checkpoint_every=5", "trainer.log_every=1", "trainer.progress_bar=false",
+                 "eval.latency=false", "eval.perplexity=false"]
+KILL = COMMON + ["pipeline.stages=[evaluate,distill]", "distill=quick", "distill.max_steps=40"]
 """Evaluate, then 40 distillation steps on tiny models with a checkpoint every 5 steps."""
+STAGES = {  # stage: (overrides, the trained weights it saves)
+    "distill": (KILL, "model/model.safetensors"),
+    "finetune_teacher": (COMMON + ["pipeline.stages=[evaluate,finetune_teacher]", "finetune=quick",
+                                   "finetune.max_steps=40", "teacher.method=lora"],
+                         "adapter/adapter_model.safetensors"),  # LoRA dropout: the RNG state must resume too
+}
 
 
 def _start(*args: str, **kwargs) -> subprocess.Popen:
@@ -29,16 +35,18 @@ def _steps(path) -> list[int]:
     return sorted(int(p.stem.split("step=")[1]) for p in path.glob("epoch=*-step=*.ckpt")) if path.exists() else []
 
 
-def test_killed_run_resumes_from_its_checkpoint_and_matches_an_uninterrupted_one(tmp_path):
-    ref = cli("run", *KILL, f"run.root={tmp_path}", "run.name=ref")
+@pytest.mark.parametrize("stage", STAGES)
+def test_killed_run_resumes_from_its_checkpoint_and_matches_an_uninterrupted_one(tmp_path, stage):
+    overrides, weights = STAGES[stage]
+    ref = cli("run", *overrides, f"run.root={tmp_path}", "run.name=ref")
     assert ref.returncode == 0, ref.stderr[-3000:]
 
     run = tmp_path / "killed"
-    run.mkdir()  # the evaluate stage is the same: reuse it (the kill happens in distill)
+    run.mkdir()  # the evaluate stage is the same: reuse it (the kill happens in the training stage)
     shutil.copytree(tmp_path / "ref" / "00_evaluate", run / "00_evaluate")
-    ckpts = run / ".01_distill.tmp" / "checkpoints"
+    ckpts = run / f".01_{stage}.tmp" / "checkpoints"
     kill_after = random.choice(range(10, 35, 5))  # a random checkpoint past the first one
-    proc = _start("run", *KILL, f"run.root={tmp_path}", "run.name=killed")
+    proc = _start("run", *overrides, f"run.root={tmp_path}", "run.name=killed")
     deadline = time.time() + 120
     while not any(s >= kill_after for s in _steps(ckpts)):
         assert proc.poll() is None, proc.stderr.read()[-3000:]
@@ -46,21 +54,21 @@ def test_killed_run_resumes_from_its_checkpoint_and_matches_an_uninterrupted_one
         time.sleep(0.02)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    assert not (run / "01_distill").exists() and (run / "00_evaluate" / "DONE").exists()
+    assert not (run / f"01_{stage}").exists() and (run / "00_evaluate" / "DONE").exists()
     saved = (run / "00_evaluate" / "manifest.json").read_text()
     assert json.loads((run / ".lock").read_text())["pid"] == proc.pid  # left behind by the kill
 
-    again = cli("run", *KILL, f"run.root={tmp_path}", "run.name=killed")
+    again = cli("run", *overrides, f"run.root={tmp_path}", "run.name=killed")
     assert again.returncode == 0, again.stderr[-3000:]
     err = again.stderr
     assert "taking over the stale lock" in err and f"pid {proc.pid}" in err
-    assert "00_evaluate: up to date, skipped" in err and "resuming the unfinished 01_distill" in err
+    assert "00_evaluate: up to date, skipped" in err and f"resuming the unfinished 01_{stage}" in err
     assert (run / "00_evaluate" / "manifest.json").read_text() == saved  # the finished stage was not touched
-    assert not (run / ".lock").exists() and not (run / "01_distill" / "checkpoints").exists()
+    assert not (run / ".lock").exists() and not (run / f"01_{stage}" / "checkpoints").exists()
 
     # Same seed, same data order per step, optimizer/scheduler/RNG restored: the same student.
-    a = load_file(tmp_path / "ref" / "01_distill" / "model" / "model.safetensors")
-    b = load_file(run / "01_distill" / "model" / "model.safetensors")
+    a = load_file(tmp_path / "ref" / f"01_{stage}" / weights)
+    b = load_file(run / f"01_{stage}" / weights)
     assert a.keys() == b.keys()
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
     ra, rb = (json.loads((tmp_path / n / "results.json").read_text())["records"][-1] for n in ("ref", "killed"))
