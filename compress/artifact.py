@@ -11,6 +11,11 @@ from pathlib import Path
 
 PACKAGES = ("compress", "torch", "transformers", "peft", "bitsandbytes", "lightning", "datasets", "hydra-core",
             "optimum", "onnxruntime", "torch-pruning", "gptqmodel")
+PARTIAL = "manifest-partial.json"
+"""In an unfinished stage's temporary folder: the identity it is being made for (a rerun with the
+same identity resumes it) and the current attempt (what other ranks join)."""
+TRAINING = "trainer.json"
+"""Written by rank 0 into the stage folder when it builds a Lightning Trainer: other ranks join then."""
 
 
 @dataclass(frozen=True)

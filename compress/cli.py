@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import errno
 import os
+import signal
 import sys
 import time
 import warnings
@@ -39,9 +40,16 @@ def cmd_run(args) -> int:
     from compress.config import load_config
     from compress.pipeline import preflight, run_pipeline
 
+    from compress import dist
+
     cfg = load_config(args.overrides)
     if cfg.run.name is None:
-        OmegaConf.update(cfg, "run.name", time.strftime("%Y%m%d-%H%M%S"))
+        if dist.launched_externally() and not os.environ.get("COMPRESS_RUN_NAME"):
+            raise CompressError(Problem("run.name", None, "several processes (torchrun / SLURM) must share one "
+                                        "run folder: set run.name= the same name on every process"))
+        # processes that Lightning's DDP launcher starts run this command again: same name for them
+        os.environ.setdefault("COMPRESS_RUN_NAME", time.strftime("%Y%m%d-%H%M%S"))
+        OmegaConf.update(cfg, "run.name", os.environ["COMPRESS_RUN_NAME"])
     preflight(cfg)  # bad config or data fails here, before any stage starts
     if args.dry_run:
         out.print(OmegaConf.to_yaml(cfg))
@@ -91,6 +99,23 @@ def cmd_eval(args) -> int:
     out.print(table([record], title=f"eval: {args.model} on {cfg.data.name}"))
     if args.out:
         write_json(Path(args.out), {"records": [record]})
+    return 0
+
+
+def cmd_plan(args) -> int:
+    from compress import plan
+    from compress.config import load_config
+    from compress.validate import validate
+    from teachers.loading import pick_device
+
+    cfg = load_config(args.overrides)
+    validate(cfg)
+    mem = plan.parse_size(args.gpu_mem) if args.gpu_mem else None
+    device = args.device or ("cuda" if mem else str(pick_device(cfg.teacher.device)))
+    result = plan.plan(cfg, device)
+    out.print(plan.table(result, mem, cfg))
+    if mem:
+        out.print(plan.verdict(result, mem, cfg))
     return 0
 
 
@@ -151,6 +176,7 @@ COMMANDS = {  # name: (function, one-line help)
     "report": (cmd_report, "rebuild a run's report.md and report.png from its results.json"),
     "check": (cmd_check, "gate a run on retained accuracy: exit 0 pass, 1 fail, 2 bad input"),
     "bench": (cmd_bench, "latency only (prefill at several prompt lengths, decode tok/s, peak memory) of a model"),
+    "plan": (cmd_plan, "estimate peak memory of fine-tuning (full / LoRA / QLoRA) and distillation; what fits"),
 }
 
 
@@ -183,7 +209,11 @@ def parser() -> argparse.ArgumentParser:
             sp.add_argument("--json", metavar="PATH", help="also write the result as JSON")
         if name == "run":
             sp.add_argument("--dry-run", action="store_true", help="print the composed config and stop")
-        if name in ("run", "eval"):
+        if name == "plan":
+            sp.add_argument("--gpu-mem", help="memory per device, e.g. 24GB: say which methods fit")
+            sp.add_argument("--device", choices=("cpu", "cuda"), help="plan for this device (default: cuda with "
+                            "--gpu-mem, else the teacher's device)")
+        if name in ("run", "eval", "plan"):
             sp.add_argument("overrides", nargs="*", metavar="OVERRIDE", help=OVERRIDES_HELP)
     return p
 
@@ -195,6 +225,8 @@ def main(argv: list[str] | None = None) -> int:
         p.print_help()
         return 2
     _quiet()
+    if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:  # a preempted job: release the lock, keep the stage
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     try:
         return COMMANDS[args.command][0](args)
     except CompressError as e:

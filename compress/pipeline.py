@@ -11,15 +11,18 @@ from __future__ import annotations
 import json
 import shutil
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 from omegaconf import DictConfig, OmegaConf
 
-from compress import results
-from compress.artifact import Artifact, finish, is_done, versions, write_json
+from compress import dist, results
+from compress.artifact import PARTIAL, TRAINING, Artifact, finish, is_done, versions, write_json
 from compress.console import out, say
+from compress.errors import CompressError, Problem
+from compress.lock import holder, run_lock
 from compress.hub import text_hash
 from compress.report import write_report
 from compress.stages import evaluate
@@ -62,6 +65,16 @@ def preflight(cfg) -> None:
     load_splits(cfg.data)
     if "finetune_teacher" in cfg.pipeline.stages and cfg.teacher.method == "qlora":
         finetune.check_4bit(pick_device(cfg.teacher.device))
+    if "distill" in cfg.pipeline.stages and cfg.distill.soft_weight > 0 and (cfg.student.path or cfg.student.random):
+        _check_vocabularies(cfg)  # a student of its own: fail now, not after hours of earlier stages
+
+
+def _check_vocabularies(cfg) -> None:
+    from teachers import loading
+
+    t = loading.load_tokenizer(loading.resolve(cfg.teacher, "teacher"), cfg.teacher, "teacher")
+    s = loading.load_tokenizer(loading.resolve(cfg.student, "student"), cfg.student, "student")
+    distill.check_tokenizers(t, s, cfg.distill.soft_weight)
 
 
 def run_dir(cfg) -> Path:
@@ -96,29 +109,66 @@ def _file_stamps(tree) -> list:
 def run_pipeline(cfg) -> Path:
     """Run (or resume) every stage of `cfg.pipeline`; return the run folder."""
     root = run_dir(cfg)
+    if dist.is_follower():
+        return _follow(cfg, root)
     root.mkdir(parents=True, exist_ok=True)
-    OmegaConf.save(cfg, root / "config.yaml", resolve=True)
+    with run_lock(root, cfg.run.name):
+        src = Artifact.start()
+        for path in stage_dirs(cfg):
+            stage = STAGES[path.name.split("_", 1)[1]]
+            chash = config_hash(cfg, stage.keys)
+            identity = text_hash(stage.name + chash + src.identity)[:16]
+            eval_hash = config_hash(cfg, ("eval",))
+            if is_done(path, identity):
+                if stage.reevaluate is not None and Artifact.load(path).manifest.get("eval_hash") != eval_hash:
+                    _reevaluate(cfg, stage, src, path, eval_hash)
+                else:
+                    say(f"[green]✓[/] {path.name}: up to date, skipped (delete the folder or change its config to rerun)")
+                src = Artifact.load(path)
+                continue
+            say(f"[bold]▶ {path.name}[/]: {stage.summary}")
+            src = _run_stage(cfg, stage, src, path, chash, identity, eval_hash)
+        res = results.collect(stage_dirs(cfg))
+        OmegaConf.save(cfg, root / "config.yaml", resolve=True)  # the job that results.json reports
+        results.write(root, res)
+        md, png = write_report(root)
+    out.print(results.table(res["records"], title=f"results: {root}"))
+    say(f"report: {md} and {png}")
+    return root
+
+
+def partial(tmp: Path) -> dict:
+    try:
+        return json.loads((tmp / PARTIAL).read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _follow(cfg, root: Path, poll_s: float = 1.0) -> Path:
+    """Rank > 0: walk the stages with rank 0; join each training stage's `fit`, write nothing."""
     src = Artifact.start()
     for path in stage_dirs(cfg):
         stage = STAGES[path.name.split("_", 1)[1]]
-        chash = config_hash(cfg, stage.keys)
-        identity = text_hash(stage.name + chash + src.identity)[:16]
-        eval_hash = config_hash(cfg, ("eval",))
-        if is_done(path, identity):
-            if stage.reevaluate is not None and Artifact.load(path).manifest.get("eval_hash") != eval_hash:
-                _reevaluate(cfg, stage, src, path, eval_hash)
-            else:
-                say(f"[green]✓[/] {path.name}: up to date, skipped (delete the folder or change its config to rerun)")
-            src = Artifact.load(path)
-            continue
-        say(f"[bold]▶ {path.name}[/]: {stage.summary}")
-        src = _run_stage(cfg, stage, src, path, chash, identity, eval_hash)
-    res = results.collect(stage_dirs(cfg))
-    results.write(root, res)
-    out.print(results.table(res["records"], title=f"results: {root}"))
-    md, png = write_report(root)
-    say(f"report: {md} and {png}")
+        identity = text_hash(stage.name + config_hash(cfg, stage.keys) + src.identity)[:16]
+        tmp, joined = path.parent / f".{path.name}.tmp", False
+        while not is_done(path, identity):
+            marker = partial(tmp)
+            if not joined and marker.get("identity") == identity and _attempt(tmp / TRAINING) == marker["attempt"]:
+                stage.run(cfg, src, tmp)  # returns right after fit on ranks > 0
+                joined = True
+            elif holder(root) is None and not is_done(path, identity):
+                raise CompressError(Problem("run.name", cfg.run.name, f"rank {dist.rank()}: rank 0 left the run "
+                                            f"before {path.name} was done; see rank 0's output"))
+            time.sleep(poll_s)
+        src = Artifact.load(path)
     return root
+
+
+def _attempt(path: Path) -> str | None:
+    try:
+        return json.loads(path.read_text()).get("attempt")
+    except (OSError, ValueError):
+        return None
 
 
 def _reevaluate(cfg, stage: Stage, src: Artifact, path: Path, eval_hash: str) -> None:
@@ -132,16 +182,19 @@ def _reevaluate(cfg, stage: Stage, src: Artifact, path: Path, eval_hash: str) ->
 
 def _run_stage(cfg, stage: Stage, src: Artifact, path: Path, chash: str, identity: str,
                eval_hash: str) -> Artifact:
+    """Run a stage in `.<NN>_<stage>.tmp/`. An unfinished folder made for the same identity is
+    resumed (training continues from its last checkpoint); any other is started afresh."""
     tmp = path.parent / f".{path.name}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    if partial(tmp).get("identity") == identity:
+        say(f"  resuming the unfinished {path.name} in {tmp}")
+    else:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    write_json(tmp / PARTIAL, {"stage": stage.name, "identity": identity, "attempt": uuid.uuid4().hex,
+                               "started": time.strftime("%Y-%m-%dT%H:%M:%S")})
     OmegaConf.save(cfg, tmp / "config.yaml", resolve=True)
     t0 = time.perf_counter()
-    try:
-        metrics = stage.run(cfg, src, tmp)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    metrics = stage.run(cfg, src, tmp)  # on error the folder stays, to be resumed by the same command
     wall = time.perf_counter() - t0
     metrics["wall_s"] = wall
     for record in metrics.get("records", []):  # paths inside the temporary folder move with it
@@ -152,6 +205,9 @@ def _run_stage(cfg, stage: Stage, src: Artifact, path: Path, chash: str, identit
                 "input": src.identity,
                 "input_path": str(src.path) if src.path else None, "versions": versions(),
                 "finished": time.strftime("%Y-%m-%dT%H:%M:%S"), "wall_s": wall}
+    shutil.rmtree(tmp / "checkpoints", ignore_errors=True)  # resume state, not part of the artifact
+    for name in (PARTIAL, TRAINING):
+        (tmp / name).unlink(missing_ok=True)
     finish(tmp, path, metrics, manifest)
     say(f"[green]✓[/] {path.name}: done in {wall:.1f} s")
     return Artifact.load(path)

@@ -1,8 +1,11 @@
 """What the training stages share: prompt+answer batches, AdamW with warm-up, the Lightning Trainer."""
 from __future__ import annotations
 
+import json
 import logging
 import math
+import random
+import zipfile
 from pathlib import Path
 
 import lightning as L
@@ -55,6 +58,51 @@ def collate(pad_id: int):
     return fn
 
 
+class StepBatches:
+    """Batch sampler whose micro-batch n is a function of (seed, n) only.
+
+    The examples form one long stream: pass p over the data is a permutation seeded with
+    (seed, p). Micro-batch n is the n-th slice of `batch_size * world` indices of that stream,
+    and rank r takes the r-th part of it. So a run resumed at any step, or split over several
+    processes with the same global batch, sees the same examples at the same step.
+    `where()` gives (micro-batches already trained, rank, world size) when iteration starts,
+    i.e. after Lightning has restored a checkpoint.
+    """
+
+    def __init__(self, n_items: int, batch_size: int, total: int, seed: int, where):
+        self.n, self.batch_size, self.total, self.seed, self.where = n_items, batch_size, total, seed, where
+        self._perms: dict[int, list[int]] = {}
+
+    def __len__(self) -> int:
+        return self.total
+
+    def _index(self, j: int) -> int:
+        p, i = divmod(j, self.n)
+        if p not in self._perms:
+            self._perms = {p: torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 7919 + p)).tolist()}
+        return self._perms[p][i]
+
+    def __iter__(self):
+        start, rank, world = self.where()
+        width = self.batch_size * world  # the global micro-batch
+        for n in range(start, self.total):
+            first = n * width + rank * self.batch_size
+            yield [self._index(j) for j in range(first, first + self.batch_size)]
+
+
+def step_loader(items: list[dict], batch_size: int, pad_id: int, seed: int, trainer):
+    """Training batches for `trainer`: deterministic per step, resumable, sharded over ranks."""
+    accum = trainer.accumulate_grad_batches
+
+    def where():
+        return trainer.global_step * accum, trainer.global_rank, trainer.world_size
+
+    sampler = StepBatches(len(items), batch_size, trainer.max_steps * accum, seed, where)
+    # its own generator: iter() draws a worker seed, which must not move the global RNG (dropout)
+    return torch.utils.data.DataLoader(items, batch_sampler=sampler, collate_fn=collate(pad_id),
+                                       generator=torch.Generator().manual_seed(seed))
+
+
 def loader(items: list[dict], batch_size: int, pad_id: int, shuffle: bool, seed: int = 0):
     gen = torch.Generator().manual_seed(seed)
     return torch.utils.data.DataLoader(items, batch_size=batch_size, shuffle=shuffle, collate_fn=collate(pad_id),
@@ -97,25 +145,72 @@ def _devices(value: str):
     return int(value)
 
 
+class Resume(L.Callback):
+    """Completes Lightning's checkpoints so that a resumed run continues exactly: the RNG states
+    (dropout, e.g. LoRA's) go in with the weights, optimizer, scheduler and loop state."""
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
+        checkpoint["compress_rng"] = {"torch": torch.get_rng_state(), "python": random.getstate(),
+                                      "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+    def on_load_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
+        rng = checkpoint.get("compress_rng")
+        if rng:
+            torch.set_rng_state(rng["torch"])
+            random.setstate(rng["python"])
+            if rng["cuda"] and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all(rng["cuda"])
+
+
+class GlobalLoss(L.Callback):
+    """Logs `train/loss_global`: the training loss averaged over every rank (equal to
+    `train/loss` in one process), so curves of runs on different process counts compare."""
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+        if loss is not None:
+            pl_module.log("train/loss_global", loss.detach() * trainer.accumulate_grad_batches, sync_dist=True,
+                          on_step=True, on_epoch=False)
+
+
 def make_trainer(tcfg, ocfg, out: Path, has_val: bool):
-    """A Lightning Trainer from the `trainer` and stage optimisation settings; logs and checkpoints in `out`."""
+    """A Lightning Trainer from the `trainer` and stage optimisation settings; logs and checkpoints in `out`.
+
+    Strategy, devices, nodes and precision pass straight to Lightning. Every
+    `checkpoint_every` steps a full checkpoint (trainable weights, optimizer, scheduler, loop
+    state, RNG) goes to `out/checkpoints/`; `fit(..., ckpt_path=last_checkpoint(out))` resumes.
+    """
     from lightning.pytorch.callbacks import ModelCheckpoint
     from lightning.pytorch.loggers import CSVLogger
+
+    from compress import dist
+    from compress.artifact import PARTIAL, TRAINING
 
     ckpt = ModelCheckpoint(dirpath=out / "checkpoints", every_n_train_steps=tcfg.checkpoint_every,
                            save_last=True, save_top_k=1, enable_version_counter=False)
     val = {"val_check_interval": ocfg.val_every * ocfg.grad_accum, "check_val_every_n_epoch": None} \
         if has_val and ocfg.val_every > 0 else {"limit_val_batches": 0}
-    return L.Trainer(
+    trainer = L.Trainer(
         max_steps=ocfg.max_steps, accumulate_grad_batches=ocfg.grad_accum,
         accelerator=tcfg.accelerator, devices=_devices(tcfg.devices), strategy=tcfg.strategy,
-        num_nodes=tcfg.num_nodes, precision=precision(tcfg),
+        num_nodes=tcfg.num_nodes, precision=precision(tcfg), use_distributed_sampler=False,  # StepBatches shards
         gradient_clip_val=ocfg.max_grad_norm or None, log_every_n_steps=tcfg.log_every,
         enable_progress_bar=tcfg.progress_bar, enable_model_summary=False, num_sanity_val_steps=0,
-        logger=CSVLogger(out, name="logs", version=""), callbacks=[ckpt], default_root_dir=out, **val,
+        logger=CSVLogger(out, name="logs", version=""), callbacks=[ckpt, Resume(), GlobalLoss()],
+        default_root_dir=out, **val,
     )
+    if not dist.is_follower() and (out / PARTIAL).exists():
+        attempt = json.loads((out / PARTIAL).read_text())["attempt"]
+        (out / TRAINING).write_text(json.dumps({"attempt": attempt}))
+    return trainer
 
 
 def last_checkpoint(out: Path) -> Path | None:
-    path = out / "checkpoints" / "last.ckpt"
-    return path if path.exists() else None
+    """The newest complete checkpoint in `out/checkpoints` (a kill while saving leaves a truncated
+    file: torch checkpoints are zip archives, whose directory is written last)."""
+    files = sorted((out / "checkpoints").glob("*.ckpt"), key=lambda p: (p.name == "last.ckpt", p.stat().st_mtime),
+                   reverse=True)
+    for path in files:
+        if zipfile.is_zipfile(path):
+            return path
+    return None

@@ -148,4 +148,24 @@ def _training(cfg) -> list[Problem]:
                                 "checkpoint_every and log_every must be >= 1"))
     if cfg.trainer.num_nodes < 1:
         problems.append(Problem("trainer.num_nodes", cfg.trainer.num_nodes, "must be >= 1"))
+    problems += _strategy(cfg.trainer)
     return problems
+
+
+def _strategy(tcfg) -> list[Problem]:
+    """`trainer.strategy` goes straight to Lightning: check the name, and that DeepSpeed is installed."""
+    import importlib.util
+
+    from lightning.pytorch.strategies import StrategyRegistry
+
+    names = ["auto", "ddp", "fsdp", "deepspeed"] + [n for n in StrategyRegistry.available_strategies()
+                                                     if n not in ("ddp", "fsdp", "deepspeed")]
+    if tcfg.strategy not in names:
+        return [Problem("trainer.strategy", tcfg.strategy, f"not a Lightning strategy; choose one of: "
+                        f"{', '.join(names[:4])} (or {', '.join(names[4:12])}, ...)")]
+    if tcfg.strategy.startswith("deepspeed") and importlib.util.find_spec("deepspeed") is None:
+        return [Problem("trainer.strategy", tcfg.strategy, "DeepSpeed is not installed: `pip install deepspeed` "
+                        "(needs CUDA), or use trainer.strategy=fsdp")]
+    if not re.fullmatch(r"auto|\d+|\[\s*\d+(\s*,\s*\d+)*\s*\]|-1", str(tcfg.devices)):
+        return [Problem("trainer.devices", tcfg.devices, "a count (2), a list of device indices ([0,1]) or auto")]
+    return []

@@ -61,10 +61,8 @@ def derive_from_teacher(teacher_dir: Path, cfg, dest: Path | None = None) -> Pat
                                                    "chat_template", "vocab", "merges"))):
                 shutil.copy2(f, tmp / f.name)
 
-    if dest is not None:
-        dest.mkdir(parents=True, exist_ok=True)
-        build(dest)
-        return dest
+    if dest is not None:  # built once: a resumed stage, or another rank, finds it complete
+        return build_once(dest, build)
     key = text_hash(json.dumps([loading.folder_fingerprint(teacher_dir), layers]))[:16]
     return build_once(cache_root() / "students" / f"{teacher_dir.name}-L{len(layers)}-{key}", build)
 

@@ -171,7 +171,8 @@ def pseudo_labels(teacher, tok, teacher_dir: Path, splits, cfg, out: Path) -> li
                                 splits.verbalizers, cfg.distill.pseudo_max_new_tokens]))[:16]
     cached = out.parent / "cache" / f"pseudo_labels-{key}.jsonl"
     if cached.exists():
-        shutil.copy2(cached, out / "pseudo_labels.jsonl")
+        if not (out / "pseudo_labels.jsonl").exists():  # a resumed stage (or another rank) has it already
+            shutil.copy2(cached, out / "pseudo_labels.jsonl")
         rows = [json.loads(line) for line in cached.read_text().splitlines()]
         say(f"  pseudo-labels: reused {len(rows)} from {cached}")
         return [r["answer"] for r in rows]
@@ -235,7 +236,8 @@ def build_topk_cache(teacher, items: list[dict], k: int, temperature: float, bat
             values[rows, :w], indices[rows, :w], tail[rows, :w] = v.cpu(), i.cpu(), t.cpu().float()
             bar.advance(task, len(rows))
     cache = {"values": values, "indices": indices, "tail": tail}
-    save_file(cache, out / "teacher_topk.safetensors")
+    save_file(cache, out / "teacher_topk.safetensors.part")
+    (out / "teacher_topk.safetensors.part").rename(out / "teacher_topk.safetensors")  # complete or absent
     return cache
 
 
@@ -279,7 +281,11 @@ def run(cfg, src: Artifact, out: Path) -> dict:
         it["index"] = i
     n_val = min(d.val_size, len(items) // 5) if d.val_every > 0 else 0
     topk = None
-    if d.topk_cache > 0 and d.soft_weight > 0:
+    if d.topk_cache > 0 and d.soft_weight > 0 and (out / "teacher_topk.safetensors").exists():  # resumed
+        from safetensors.torch import load_file
+
+        topk, teacher = load_file(out / "teacher_topk.safetensors"), None
+    elif d.topk_cache > 0 and d.soft_weight > 0:
         topk = build_topk_cache(teacher, items, d.topk_cache, d.temperature, cfg.eval.batch_size,
                                 s_tok.pad_token_id, out)
         teacher = None  # training reads the cache only
@@ -288,14 +294,16 @@ def run(cfg, src: Artifact, out: Path) -> dict:
     trainer = training.make_trainer(cfg.trainer, d, out, has_val=n_val > 0)
     say(f"  distilling into {cfg.student.name} ({sum(p.numel() for p in student.parameters()) / 1e6:.1f} M "
         f"params) for {d.max_steps} steps on {len(items) - n_val} examples")
-    trainer.fit(module, training.loader(items[n_val:], d.batch_size, s_tok.pad_token_id, True, cfg.run.seed),
-                training.loader(items[:n_val], d.batch_size, s_tok.pad_token_id, False) if n_val else None)
+    trainer.fit(module, training.step_loader(items[n_val:], d.batch_size, s_tok.pad_token_id, cfg.run.seed, trainer),
+                training.loader(items[:n_val], d.batch_size, s_tok.pad_token_id, False) if n_val else None,
+                ckpt_path=training.last_checkpoint(out))
+    if not trainer.is_global_zero:  # other ranks only train; rank 0 writes the artifact
+        return {}
     student.config.use_cache = True
     student.save_pretrained(out / "model", safe_serialization=True)
     s_tok.save_pretrained(out / "model")
-    for tmp in (out / "checkpoints", init):
-        if tmp is not None:
-            shutil.rmtree(tmp, ignore_errors=True)
+    if init is not None:
+        shutil.rmtree(init, ignore_errors=True)
     del teacher, student, module, trainer
     metrics = evaluate_new_student(cfg, src, out, splits, "distill")
     metrics.update(pseudo_labels=len(answers), train_items=len(items) - n_val,

@@ -8,7 +8,6 @@ into the de-quantized base, i.e. exactly the function that was trained, in full 
 """
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import lightning as L
@@ -184,15 +183,17 @@ def run(cfg, src: Artifact, out: Path) -> dict:
     say(f"  fine-tuning {cfg.teacher.name} with {cfg.teacher.method} for {ocfg.max_steps} steps "
         f"({len(train_items)} train examples)")
     module = FinetuneModule(model, ocfg)
-    trainer.fit(module, training.loader(train_items, ocfg.batch_size, tok.pad_token_id, True, cfg.run.seed),
-                training.loader(val_items, ocfg.batch_size, tok.pad_token_id, False) if val_items else None)
+    trainer.fit(module, training.step_loader(train_items, ocfg.batch_size, tok.pad_token_id, cfg.run.seed, trainer),
+                training.loader(val_items, ocfg.batch_size, tok.pad_token_id, False) if val_items else None,
+                ckpt_path=training.last_checkpoint(out))
+    if not trainer.is_global_zero:  # other ranks only train; rank 0 writes the artifact
+        return {}
     if cfg.teacher.method == "full":
         model.save_pretrained(out / "model", safe_serialization=True)
     else:
         model.save_pretrained(out / "adapter")
         merged_teacher(base_dir, out / "adapter", cfg.teacher, out / "model")
     tok.save_pretrained(out / "model")
-    shutil.rmtree(out / "checkpoints", ignore_errors=True)
     del model, module, trainer
     return evaluate_new_teacher(cfg, src, out, splits, "finetune_teacher")
 

@@ -8,6 +8,7 @@ Weights load as safetensors; pickle weights only with `allow_pickle=true`.
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import asdict, is_dataclass
 from pathlib import Path
 
@@ -23,8 +24,9 @@ HUB_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "tokenizer*", "*.txt", "*.
 
 
 def pick_device(name: str = "auto") -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "auto":  # one GPU per process in a multi-GPU run: LOCAL_RANK's
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() else \
+            torch.device("cpu")
     return torch.device(name)
 
 
@@ -193,7 +195,8 @@ def load(folder: Path, cfg, role: str):
     safetensors = any(p.suffix == ".safetensors" for p in folder.iterdir())
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            folder, dtype=dtype, trust_remote_code=cfg.trust_remote_code, use_safetensors=safetensors)
+            folder, dtype=dtype, trust_remote_code=cfg.trust_remote_code, use_safetensors=safetensors,
+            weights_only=True)  # pickle (allow_pickle=true): tensors only, never arbitrary objects
     except CompressError:
         raise
     except Exception as e:
