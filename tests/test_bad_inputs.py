@@ -12,7 +12,7 @@ import shutil
 import pytest
 
 from compress.cli import main
-from conftest import RT_CSV, TINY
+from conftest import TINY
 
 FAST = TINY + ["eval.latency=false", "eval.perplexity=false", "pipeline=evaluate", "trainer.progress_bar=false"]
 
