@@ -21,7 +21,7 @@ from compress import results
 from compress.artifact import Artifact, finish, is_done, versions, write_json
 from compress.console import out, say
 from compress.hub import text_hash
-from compress.stages import evaluate
+from compress.stages import evaluate, export
 from students import distill
 from teachers import finetune
 
@@ -48,6 +48,9 @@ STAGES: dict[str, Stage] = {s.name: s for s in [
           finetune.reevaluate),
     Stage("distill", distill.run, ("teacher", "student", "data", "distill", "trainer", "run.seed"),
           "soft-label + pseudo-label distillation into the student (Lightning), evaluated", distill.reevaluate),
+    Stage("export", export.run, ("teacher", "student", "data", "export", "run.seed"),
+          "ONNX export (optimum) checked against PyTorch, int8/int4 CPU variants, evaluated through onnxruntime",
+          export.reevaluate),
 ]}
 
 
@@ -61,6 +64,8 @@ def preflight(cfg) -> None:
     load_splits(cfg.data)
     if "finetune_teacher" in cfg.pipeline.stages and cfg.teacher.method == "qlora":
         finetune.check_4bit(pick_device(cfg.teacher.device))
+    if "export" in cfg.pipeline.stages:
+        export.preflight(cfg)
 
 
 def run_dir(cfg) -> Path:
