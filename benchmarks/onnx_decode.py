@@ -129,6 +129,7 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=64, help="new tokens per decode")
     ap.add_argument("--rounds", type=int, default=5, help="interleaved timed rounds (median)")
     ap.add_argument("--ppl-blocks", type=int, default=8)
+    ap.add_argument("--lean-only", action="store_true", help="time torch and the lean loop only")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "onnx_decode.json"))
     args = ap.parse_args()
 
@@ -148,7 +149,7 @@ def main() -> None:
     model_dir = student_build.resolve(cfg.student, loading.resolve(cfg.teacher, "teacher"))
     work = Path(args.work)
     folders = export_all(model_dir, work, cfg)
-    genai = build_genai(model_dir, work, args.threads)
+    genai = {} if args.lean_only else build_genai(model_dir, work, args.threads)
     model, tok = loading.load(model_dir, export._cpu(cfg.student), "student")
     splits = load_splits(cfg.data)
     blocks = perplexity_blocks(tok, splits.perplexity, args.ppl_blocks, 128)
@@ -164,9 +165,10 @@ def main() -> None:
                       "perplexity": perplexity(fn, blocks, 4, tok.pad_token_id, f"{name} ppl"),
                       **export.compare(torch_logits_fn(model), fn, blocks[:4], tok.pad_token_id)}
         timers[f"{name} ort-iob"] = (lambda lm=lm: ort.measure_latency(lm, prompt, args.tokens, 0, 1)["decode_tok_s"])
-        timers[f"{name} optimum"] = optimum_decode(folder, prompt, args.tokens, args.threads)
+        if not args.lean_only:
+            timers[f"{name} optimum"] = optimum_decode(folder, prompt, args.tokens, args.threads)
     for name, folder in genai.items():
-        rows[name] = {"size_mb": weights_size_mb(folder)}
+        rows[name] = {"size_mb": sum(f.stat().st_size for f in folder.glob("model.onnx*")) / 2**20}
         timers[name] = genai_decode(folder, prompt, args.tokens)
 
     for timer in timers.values():  # warm-up
