@@ -267,7 +267,8 @@ def quantize(variant: str, src: Path, dest: Path, e) -> None:
 
         say(f"  int4: quantizing {len(nodes)} MatMuls (MatMulNBits, block {e.int4_block_size})")
         q = MatMulNBitsQuantizer(model, bits=4, block_size=e.int4_block_size, is_symmetric=True,
-                                 accuracy_level=e.int4_accuracy_level, nodes_to_include=nodes)
+                                 accuracy_level=e.int4_accuracy_level,
+                                 nodes_to_exclude=[n.name for n in model.graph.node if n.name not in set(nodes)])
         q.process()
         q.model.save_model_to_file(str(dest / "model.onnx"), use_external_data_format=big)
     for f in src.iterdir():
