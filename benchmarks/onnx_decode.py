@@ -35,9 +35,10 @@ from types import SimpleNamespace
 ROOT = Path(__file__).resolve().parents[1]
 VARIANTS = {  # name: (variant, export settings)
     "fp32": ("fp32", {}),
-    "int8": ("int8", {}),  # the default: down_proj and lm_head kept fp32
+    "int8": ("int8", {}),  # the default: down_proj kept fp32
+    "int8-fp32-head": ("int8", {"int8_exclude": ["down_proj", "lm_head"]}),
     "int8-all": ("int8", {"int8_exclude": []}),
-    "int4": ("int4", {}),
+    "int4": ("int4", {}),  # the default: lm_head kept fp32
 }
 
 
