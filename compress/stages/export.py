@@ -26,7 +26,7 @@ from compress import ort
 from compress.artifact import Artifact, write_json
 from compress.console import say
 from compress.data import load_splits
-from compress.errors import CompressError, Problem, raise_if
+from compress.errors import Problem, raise_if
 from compress.evaluate import (_pad, build_prompt, count_params, evaluate_fns, latency_prompt, measure_latency,
                                peak_memory, perplexity_blocks, torch_logits_fn, weights_size_mb)
 from compress.stages.evaluate import _ratio, carry_reference
