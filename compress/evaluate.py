@@ -1,8 +1,8 @@
 """Accuracy, agreement, perplexity and latency: the same code for every backend.
 
 Accuracy and perplexity only need a *logits function* `(input_ids, attention_mask) ->
-logits` of shapes (B, T) -> (B, T, V); a backend (PyTorch today, ONNX Runtime later)
-is scored by passing its own. Accuracy compares the summed log-likelihood of each
+logits` of shapes (B, T) -> (B, T, V), and latency a *latency function*; a backend
+(PyTorch here, ONNX Runtime in compress/ort.py) is scored by passing its own to `evaluate_fns`. Accuracy compares the summed log-likelihood of each
 label's verbalizer continuation, as lm-evaluation-harness does for multiple choice.
 """
 from __future__ import annotations
@@ -283,8 +283,24 @@ def count_params(model) -> int:
 def evaluate_torch(model, tokenizer, splits, data_cfg, eval_cfg, reference: list[str] | None,
                    name: str) -> dict:
     """Every enabled measurement of one PyTorch model: a results record plus `predictions`."""
-    record: dict = {"params": count_params(model)}
-    fn = torch_logits_fn(model)
+
+    def latency(prompt: list[int], decode_tokens: int, warmup: int, runs: int) -> dict:
+        return measure_latency(model, prompt, decode_tokens, warmup, runs)
+
+    record = {"params": count_params(model)}
+    return {**record, **evaluate_fns(torch_logits_fn(model), latency, tokenizer, splits, data_cfg, eval_cfg,
+                                     reference, name)}
+
+
+LatencyFn = Callable[[list[int], int, int, int], dict]
+"""(prompt ids, decode tokens, warm-up runs, timed runs) -> {"prefill_ms", "decode_tok_s"}."""
+
+
+def evaluate_fns(fn: LogitsFn, latency: LatencyFn | None, tokenizer, splits, data_cfg, eval_cfg,
+                 reference: list[str] | None, name: str) -> dict:
+    """Every enabled measurement of one model given as a logits function and a latency function
+    (any backend: PyTorch, ONNX Runtime, ...): a results record plus `predictions`."""
+    record: dict = {}
     if eval_cfg.accuracy and splits.verbalizers:
         scored = score_accuracy(fn, tokenizer, splits, data_cfg, eval_cfg.batch_size, f"{name}: accuracy")
         record["accuracy"] = scored["accuracy"]
@@ -296,9 +312,13 @@ def evaluate_torch(model, tokenizer, splits, data_cfg, eval_cfg, reference: list
     if eval_cfg.perplexity:
         record["perplexity"] = perplexity(fn, blocks, eval_cfg.batch_size, tokenizer.pad_token_id,
                                           f"{name}: perplexity")
-    if eval_cfg.latency:
-        stream = [t for b in blocks for t in b] or [tokenizer.eos_token_id]
-        prompt = (stream * (eval_cfg.prefill_tokens // len(stream) + 1))[: eval_cfg.prefill_tokens]
-        record.update(measure_latency(model, prompt, eval_cfg.decode_tokens, eval_cfg.warmup_runs,
-                                      eval_cfg.latency_runs))
+    if eval_cfg.latency and latency is not None:
+        record.update(latency(latency_prompt(tokenizer, blocks, eval_cfg.prefill_tokens), eval_cfg.decode_tokens,
+                              eval_cfg.warmup_runs, eval_cfg.latency_runs))
     return record
+
+
+def latency_prompt(tokenizer, blocks: list[list[int]], tokens: int) -> list[int]:
+    """A `tokens`-long prompt of held-out text (repeated if the text is short)."""
+    stream = [t for b in blocks for t in b] or [tokenizer.eos_token_id]
+    return (stream * (tokens // len(stream) + 1))[:tokens]

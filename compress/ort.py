@@ -1,0 +1,179 @@
+"""ONNX Runtime sessions for exported causal LMs: logits for scoring, and a lean decode loop for latency.
+
+One module for everything that runs an exported model, so the `export` stage and any
+benchmark measure it the same way:
+
+    logits_fn, latency_fn = open_onnx(folder, threads=2)
+    logits_fn(input_ids, attention_mask, positions)   # compress.evaluate.LogitsFn
+    latency_fn(prompt_ids, decode_tokens, warmup, runs) -> {"prefill_ms", "decode_tok_s"}
+
+The graph is optimum's `text-generation-with-past` export: inputs `input_ids`, `attention_mask`,
+`position_ids` and `past_key_values.{i}.key/value` (B, kv_heads, P, head_dim); outputs
+`logits` (B, T, V) and `present.{i}.key/value` (B, kv_heads, P + T, head_dim).
+
+The decode loop skips optimum's generate (whose per-token Python overhead dominates at this
+size): IO binding onto preallocated numpy buffers, the KV cache ping-ponging between two
+buffers per tensor, so a step allocates nothing and copies nothing.
+"""
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from compress.errors import CompressError, Problem
+
+INSTALL = "pip install optimum==2.1.0 optimum-onnx==0.1.0 onnxruntime==1.31.1 onnx==1.23.2 onnx-ir==1.1.0"
+"""The ONNX packages compress depends on, at the versions tested together (pyproject.toml)."""
+
+GRAPH_LEVELS = ("disable", "basic", "extended", "all")
+
+
+def require_onnx(key: str = "pipeline.stages") -> None:
+    """Stop with the install command when the ONNX extra is missing."""
+    missing = []
+    for module in ("onnxruntime", "onnx", "optimum.exporters.onnx"):
+        try:
+            __import__(module)
+        except ImportError:
+            missing.append(module)
+    if missing:
+        raise CompressError(Problem(key, "export", f"needs {', '.join(missing)}, which are not installed: "
+                                    f"run `{INSTALL}`"))
+
+
+def session(model_path: Path, threads: int | None = None, graph_level: str = "all"):
+    """An InferenceSession on the CPU with the given intra-op threads and graph optimization level."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    if threads:
+        opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    opts.graph_optimization_level = {
+        "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL, "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+        "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED, "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+    }[graph_level]
+    return ort.InferenceSession(str(model_path), opts, providers=["CPUExecutionProvider"])
+
+
+@dataclass
+class OnnxLM:
+    """An exported decoder and the shape of its KV cache."""
+
+    sess: object
+    past_names: list[str]
+    """Graph inputs `past_key_values.{i}.key/value`, in graph order."""
+    kv_heads: int
+    head_dim: int
+    vocab: int
+
+    @classmethod
+    def open(cls, folder: Path, threads: int | None = None, graph_level: str = "all") -> "OnnxLM":
+        sess = session(Path(folder) / "model.onnx", threads, graph_level)
+        past = [i for i in sess.get_inputs() if i.name.startswith("past_key_values.")]
+        if not past:
+            raise CompressError(Problem("model", str(folder), "this ONNX graph has no KV-cache inputs; export it "
+                                        "with task text-generation-with-past"))
+        vocab = next(o for o in sess.get_outputs() if o.name == "logits").shape[-1]
+        return cls(sess, [p.name for p in past], int(past[0].shape[1]), int(past[0].shape[3]), int(vocab))
+
+    def empty_past(self, batch: int) -> dict[str, np.ndarray]:
+        return {n: np.zeros((batch, self.kv_heads, 0, self.head_dim), np.float32) for n in self.past_names}
+
+
+def logits_fn(lm: OnnxLM):
+    """A compress.evaluate.LogitsFn over the session: one forward with an empty cache."""
+
+    def logits(input_ids: torch.Tensor, attention_mask: torch.Tensor, positions=None) -> torch.Tensor:
+        ids = input_ids.cpu().numpy().astype(np.int64)  # (B, T)
+        mask = attention_mask.cpu().numpy().astype(np.int64)  # (B, T)
+        pos = np.clip(mask.cumsum(-1) - 1, 0, None)  # (B, T)
+        feed = {"input_ids": ids, "attention_mask": mask, "position_ids": pos, **lm.empty_past(ids.shape[0])}
+        out = lm.sess.run(["logits"], feed)[0]  # (B, T, V)
+        return torch.from_numpy(out if positions is None else out[:, positions])  # (B, K, V)
+
+    return logits
+
+
+class Decoder:
+    """Greedy batch-1 decoding with IO binding and preallocated, ping-ponged KV buffers."""
+
+    def __init__(self, lm: OnnxLM, max_tokens: int):
+        self.lm, self.max = lm, max_tokens
+        per = lm.kv_heads * max_tokens * lm.head_dim
+        self.kv = [[np.empty(per, np.float32) for _ in lm.past_names] for _ in range(2)]  # 2 x L x (H*T*D,)
+        self.mask = np.ones((1, max_tokens), np.int64)
+        self.ids, self.pos = np.zeros((1, 1), np.int64), np.zeros((1, 1), np.int64)
+        self.step_logits = np.empty((1, 1, lm.vocab), np.float32)  # (1, 1, V)
+        self.present = [n.replace("past_key_values.", "present.") for n in lm.past_names]
+
+    def _bind(self, ids: np.ndarray, pos: np.ndarray, past_len: int, logits: np.ndarray, src: int):
+        lm, b = self.lm, self.lm.sess.io_binding()
+        t = ids.shape[1]
+        b.bind_cpu_input("input_ids", ids)
+        b.bind_cpu_input("position_ids", pos)
+        b.bind_cpu_input("attention_mask", self.mask[:, : past_len + t])
+        shape_in, shape_out = (1, lm.kv_heads, past_len, lm.head_dim), (1, lm.kv_heads, past_len + t, lm.head_dim)
+        n_in, n_out = int(np.prod(shape_in)), int(np.prod(shape_out))
+        for i, (name, pname) in enumerate(zip(lm.past_names, self.present)):
+            if past_len:
+                b.bind_input(name, "cpu", 0, np.float32, shape_in, self.kv[src][i][:n_in].ctypes.data)
+            else:
+                b.bind_cpu_input(name, np.zeros(shape_in, np.float32))
+            b.bind_output(pname, "cpu", 0, np.float32, shape_out, self.kv[1 - src][i][:n_out].ctypes.data)
+        b.bind_output("logits", "cpu", 0, np.float32, logits.shape, logits.ctypes.data)
+        return b
+
+    def prefill(self, prompt: list[int]) -> tuple[int, float]:
+        """Run the prompt; returns (first new token, seconds). The cache lands in buffer 0."""
+        t = len(prompt)
+        logits = np.empty((1, t, self.lm.vocab), np.float32)  # (1, T, V)
+        b = self._bind(np.array([prompt], np.int64), np.arange(t, dtype=np.int64)[None], 0, logits, src=1)
+        t0 = time.perf_counter()
+        self.lm.sess.run_with_iobinding(b)
+        return int(logits[0, -1].argmax()), time.perf_counter() - t0
+
+    def generate(self, prompt: list[int], new_tokens: int) -> tuple[list[int], float, float]:
+        """Greedy continuation: (tokens, prefill seconds, decode seconds for `new_tokens` steps)."""
+        if len(prompt) + new_tokens > self.max:
+            raise ValueError(f"prompt + new tokens ({len(prompt) + new_tokens}) exceed the buffers ({self.max})")
+        token, prefill_s = self.prefill(prompt)
+        out, src = [], 0
+        t0 = time.perf_counter()
+        for step in range(new_tokens):
+            out.append(token)
+            past = len(prompt) + step
+            self.ids[0, 0], self.pos[0, 0] = token, past
+            b = self._bind(self.ids, self.pos, past, self.step_logits, src)
+            self.lm.sess.run_with_iobinding(b)
+            token, src = int(self.step_logits[0, 0].argmax()), 1 - src
+        return out, prefill_s, time.perf_counter() - t0
+
+
+def measure_latency(lm: OnnxLM, prompt_ids: list[int], decode_tokens: int, warmup: int, runs: int) -> dict:
+    """Prefill ms for the prompt and greedy decode tokens/s after it (batch 1, KV cache): medians,
+    the same quantities as compress.evaluate.measure_latency measures for PyTorch."""
+    dec = Decoder(lm, len(prompt_ids) + decode_tokens)
+    for _ in range(warmup):
+        dec.generate(prompt_ids, decode_tokens)
+    prefill_s = statistics.median(dec.prefill(prompt_ids)[1] for _ in range(runs))
+    tok_s = statistics.median(decode_tokens / dec.generate(prompt_ids, decode_tokens)[2] for _ in range(runs))
+    return {"prefill_ms": prefill_s * 1000, "decode_tok_s": tok_s}
+
+
+def open_onnx(folder: Path, threads: int | None = None, graph_level: str = "all"):
+    """(logits_fn, latency_fn) for an exported model folder (with `model.onnx`).
+
+    `latency_fn(prompt_ids, decode_tokens, warmup, runs)` returns prefill_ms and decode_tok_s.
+    """
+    lm = OnnxLM.open(folder, threads, graph_level)
+
+    def latency(prompt_ids: list[int], decode_tokens: int, warmup: int, runs: int) -> dict:
+        return measure_latency(lm, prompt_ids, decode_tokens, warmup, runs)
+
+    return logits_fn(lm), latency

@@ -1,0 +1,357 @@
+"""Stage `export`: the input model to ONNX, checked against PyTorch, plus int8/int4 CPU variants.
+
+1. optimum exports the model (`text-generation-with-past`: KV cache in and out) to `onnx/`.
+2. Parity: the eval split's first prompts run through PyTorch and the ONNX fp32 session; the
+   stage fails (exit 2, with the figures) when max |logit difference| or top-1 agreement miss
+   `export.max_abs_diff` / `export.min_top1`.
+3. Variants: `onnx-int8/` (ONNX Runtime dynamic quantization: int8 weights, per channel,
+   activations quantized on the fly) and `onnx-int4/` (4-bit weight-only MatMulNBits).
+4. Every variant is evaluated through onnxruntime (compress/ort.py) with the spine's evaluator;
+   PyTorch fp32 decode speed is measured in the same process so each record carries a ratio.
+
+The model exported is the input artifact's `model/` (distill, prune, quantize...), or, when the
+input has none (pipeline `export`: [evaluate, export]), the configured student.
+"""
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from compress import ort
+from compress.artifact import Artifact, write_json
+from compress.console import say
+from compress.data import load_splits
+from compress.errors import Problem, raise_if
+from compress.evaluate import (_pad, build_prompt, count_params, evaluate_fns, latency_prompt, measure_latency,
+                               peak_memory, perplexity_blocks, torch_logits_fn, weights_size_mb)
+from compress.stages.evaluate import _ratio, carry_reference
+from students import build as student_build
+from teachers import loading
+
+VARIANTS = ("fp32", "int8", "int4")
+FOLDERS = {"fp32": "onnx", "int8": "onnx-int8", "int4": "onnx-int4"}
+
+
+def preflight(cfg) -> None:
+    """What can fail before any stage runs: the ONNX packages and the `export` settings."""
+    ort.require_onnx()
+    check(cfg)
+
+
+def run(cfg, src: Artifact, out: Path) -> dict:
+    preflight(cfg)
+    e = cfg.export
+    splits = load_splits(cfg.data)
+    model_dir = input_model(cfg, src)
+    say(f"  exporting {model_dir} to ONNX (optimum, text-generation-with-past)")
+    t0 = time.perf_counter()
+    export_onnx(model_dir, out / FOLDERS["fp32"])
+    timings = {"export_s": time.perf_counter() - t0}
+
+    model, tok = loading.load(model_dir, _cpu(cfg.student), "student")
+    threads = e.threads or cfg.eval.threads or torch.get_num_threads()
+    prompts = parity_prompts(tok, splits, cfg.data, e.parity_prompts)
+    lm = ort.OnnxLM.open(out / FOLDERS["fp32"], threads, e.graph_optimization)
+    parity = {"fp32": compare(torch_logits_fn(model), ort.logits_fn(lm), prompts, tok.pad_token_id)}
+    del lm
+    check_parity(parity["fp32"], e)
+    say(f"  parity fp32: max |diff| {parity['fp32']['max_abs_diff']:.2e}, top-1 {parity['fp32']['top1']:.4f} "
+        f"on {parity['fp32']['tokens']} tokens")
+
+    for variant in e.variants:
+        if variant == "fp32":
+            continue
+        t0 = time.perf_counter()
+        quantize(variant, out / FOLDERS["fp32"], out / FOLDERS[variant], e)
+        timings[f"{variant}_s"] = time.perf_counter() - t0
+        lm = ort.OnnxLM.open(out / FOLDERS[variant], threads, e.graph_optimization)
+        parity[variant] = compare(torch_logits_fn(model), ort.logits_fn(lm), prompts, tok.pad_token_id)
+        del lm
+    for variant in e.variants:
+        write_readme(out / FOLDERS[variant], variant, model_dir, parity)
+
+    metrics = measure(cfg, src, out, model, tok, parity, threads)
+    write_json(out / "parity.json", parity)
+    return {**metrics, "parity": parity, "source": str(model_dir), "timings": timings}
+
+
+def reevaluate(cfg, src: Artifact, path: Path) -> dict:
+    """Measure the finished stage's ONNX models again (the evaluation settings changed)."""
+    import json
+
+    model, tok = loading.load(input_model(cfg, src), _cpu(cfg.student), "student")
+    parity = json.loads((path / "parity.json").read_text())
+    threads = cfg.export.threads or cfg.eval.threads or torch.get_num_threads()
+    return measure(cfg, src, path, model, tok, parity, threads)
+
+
+def measure(cfg, src: Artifact, out: Path, model, tok, parity: dict, threads: int) -> dict:
+    """One record per ONNX variant, measured through onnxruntime, with its decode speed relative
+    to the same model in PyTorch fp32 measured here, in this process."""
+    splits = load_splits(cfg.data)
+    torch_latency = _torch_latency(model, tok, splits, cfg) if cfg.eval.latency else {}
+    params = count_params(model)
+    del model
+    ref = src.reference()
+    records = []
+    for variant in cfg.export.variants:
+        folder = out / FOLDERS[variant]
+        measured = evaluate_onnx(folder, tok, splits, cfg, ref.get("predictions"), f"student-onnx-{variant}",
+                                 threads)
+        measured.pop("predictions", None)
+        records.append({"stage": "export", "role": "student", "model": f"student-onnx-{variant}",
+                        "backend": "onnxruntime", "path": str(folder), "params": params, **measured,
+                        "retention": _ratio(measured.get("accuracy"), ref.get("accuracy")),
+                        "retention_base": _ratio(measured.get("accuracy"), ref.get("base_accuracy")),
+                        "decode_vs_torch": _ratio(measured.get("decode_tok_s"), torch_latency.get("decode_tok_s")),
+                        "parity_top1": parity[variant]["top1"], "parity_max_abs_diff": parity[variant]["max_abs_diff"]})
+    return {"records": records, "torch_fp32_latency": torch_latency, "threads": threads,
+            "reference": carry_reference(src, out)}
+
+
+def _cpu(model_cfg):
+    """The student's load settings, but fp32 on the CPU: what the ONNX export is compared with."""
+    from omegaconf import OmegaConf
+
+    return OmegaConf.merge(model_cfg, {"dtype": "float32", "device": "cpu"})
+
+
+def check(cfg) -> None:
+    """Every problem with the `export` settings, at once."""
+    e, problems = cfg.export, []
+    bad = [v for v in e.variants if v not in VARIANTS]
+    if bad or "fp32" not in e.variants:
+        problems.append(Problem("export.variants", list(e.variants), f"choose from {', '.join(VARIANTS)}; fp32 is "
+                                "always exported and must be listed"))
+    if e.graph_optimization not in ort.GRAPH_LEVELS:
+        problems.append(Problem("export.graph_optimization", e.graph_optimization,
+                                f"choose one of: {', '.join(ort.GRAPH_LEVELS)}"))
+    if e.max_abs_diff < 0:
+        problems.append(Problem("export.max_abs_diff", e.max_abs_diff, "must be >= 0"))
+    if not 0 <= e.min_top1 <= 1:
+        problems.append(Problem("export.min_top1", e.min_top1, "must be in [0, 1]"))
+    if e.parity_prompts < 1:
+        problems.append(Problem("export.parity_prompts", e.parity_prompts, "must be >= 1"))
+    if e.threads is not None and e.threads < 1:
+        problems.append(Problem("export.threads", e.threads, "must be >= 1, or null"))
+    if e.int4_block_size < 16 or e.int4_block_size & (e.int4_block_size - 1):
+        problems.append(Problem("export.int4_block_size", e.int4_block_size, "must be a power of 2, >= 16"))
+    if e.int4_accuracy_level not in (0, 1, 2, 3, 4):
+        problems.append(Problem("export.int4_accuracy_level", e.int4_accuracy_level, "choose 0, 1, 2, 3 or 4"))
+    raise_if(problems, "invalid export settings")
+
+
+def input_model(cfg, src: Artifact) -> Path:
+    """The model this stage exports: the input artifact's `model/`, else the configured student."""
+    if src.model_dir is not None:
+        return src.model_dir
+    teacher_dir = loading.resolve(cfg.teacher, "teacher")
+    return student_build.resolve(cfg.student, teacher_dir)
+
+
+# --------------------------------------------------------------------------- export and parity
+
+
+def export_onnx(model_dir: Path, dest: Path) -> None:
+    """optimum's export with KV cache; the tokenizer and config are written beside model.onnx."""
+    import warnings
+
+    from optimum.exporters.onnx import main_export
+
+    logging.getLogger("optimum").setLevel(logging.ERROR)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)  # shape-dependent branches, traced as intended
+        main_export(str(model_dir), str(dest), task="text-generation-with-past", do_validation=False,
+                    device="cpu", trust_remote_code=False)
+
+
+def parity_prompts(tok, splits, data_cfg, n: int) -> list[list[int]]:
+    """Token ids of the first `n` eval prompts, in the task's prompt format."""
+    chat = bool(data_cfg.use_chat_template and getattr(tok, "chat_template", None))
+    texts = [build_prompt(tok, ex.text, data_cfg) for ex in splits.eval[:n]]
+    return [tok(t, add_special_tokens=not chat)["input_ids"] for t in texts]
+
+
+def compare(reference_fn, candidate_fn, prompts: list[list[int]], pad_id: int, batch_size: int = 4) -> dict:
+    """Max |logit difference| and top-1 agreement of two logits functions over every prompt token."""
+    worst, same, total = 0.0, 0, 0
+    for start in range(0, len(prompts), batch_size):
+        ids, mask = _pad(prompts[start: start + batch_size], pad_id)  # (B, T)
+        a = reference_fn(ids, mask, None).float()  # (B, T, V)
+        b = candidate_fn(ids, mask, None).float()
+        keep = mask.bool()
+        worst = max(worst, (a - b).abs()[keep].max().item())
+        same += int((a.argmax(-1) == b.argmax(-1))[keep].sum())
+        total += int(keep.sum())
+    return {"max_abs_diff": worst, "top1": same / total, "tokens": total, "prompts": len(prompts)}
+
+
+def check_parity(fig: dict, e) -> None:
+    problems = []
+    if fig["max_abs_diff"] > e.max_abs_diff:
+        problems.append(Problem("export.max_abs_diff", e.max_abs_diff, f"the ONNX fp32 logits differ from PyTorch's "
+                                f"by up to {fig['max_abs_diff']:.3g} (top-1 agreement {fig['top1']:.4f} on "
+                                f"{fig['tokens']} tokens of {fig['prompts']} prompts); the export is wrong, or "
+                                "raise the tolerance if this difference is acceptable"))
+    if fig["top1"] < e.min_top1:
+        problems.append(Problem("export.min_top1", e.min_top1, f"ONNX fp32 and PyTorch agree on the top-1 token at "
+                                f"only {fig['top1']:.4f} of {fig['tokens']} positions (max |logit diff| "
+                                f"{fig['max_abs_diff']:.3g})"))
+    raise_if(problems, "export parity check failed")
+
+
+# --------------------------------------------------------------------------- int8 / int4
+
+
+def weight_matmuls(model) -> list[str]:
+    """MatMul nodes that multiply by a weight: an initializer, or a Transpose of one (a tied head)."""
+    inits = {i.name for i in model.graph.initializer}
+    transposed = {n.output[0] for n in model.graph.node if n.op_type == "Transpose" and n.input[0] in inits}
+    return [n.name for n in model.graph.node if n.op_type == "MatMul" and (n.input[1] in inits or
+                                                                            n.input[1] in transposed)]
+
+
+def select_nodes(model, exclude: list[str], key: str) -> list[str]:
+    """Weight MatMuls to quantize: all but those whose name contains a pattern of `exclude`."""
+    names = weight_matmuls(model)
+    raise_if([Problem(key, pat, f"matches no MatMul node with weights; their names look like {names[0]!r} or "
+                      f"{names[-1]!r}") for pat in exclude if not any(pat in n for n in names)], "bad quantization targets")
+    return [n for n in names if not any(pat in n for pat in exclude)]
+
+
+def fold_transposed_weights(model, nodes: list[str]) -> None:
+    """Make the transposed weight of each selected MatMul (a tied lm_head reads the embedding
+    through a Transpose) a constant of its own, so that the quantizers see a weight."""
+    from onnx import numpy_helper
+
+    inits = {i.name: i for i in model.graph.initializer}
+    producer = {o: n for n in model.graph.node for o in n.output}
+    for node in [n for n in model.graph.node if n.name in set(nodes) and n.input[1] not in inits]:
+        t = producer[node.input[1]]
+        perm = next((list(a.ints) for a in t.attribute if a.name == "perm"), None)
+        w = numpy_helper.to_array(inits[t.input[0]])
+        model.graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(w.transpose(perm)), t.output[0]))
+        model.graph.node.remove(t)
+
+
+def quantize(variant: str, src: Path, dest: Path, e) -> None:
+    """Write `dest/model.onnx` (int8 or int4 weights) and copy the tokenizer and config from `src`."""
+    import onnx
+
+    logging.getLogger("onnxruntime.quantization").setLevel(logging.WARNING)
+    model = onnx.load(src / "model.onnx")
+    key = f"export.{variant}_exclude"
+    nodes = select_nodes(model, list(e.int8_exclude if variant == "int8" else e.int4_exclude), key)
+    fold_transposed_weights(model, nodes)
+    dest.mkdir(parents=True)
+    big = model.ByteSize() > 1_800_000_000  # protobuf's 2 GB limit: weights go to model.onnx_data
+    if variant == "int8":
+        from onnxruntime.quantization import QuantType, quantize_dynamic
+
+        say(f"  int8: quantizing {len(nodes)} MatMuls (per channel: {e.int8_per_channel})")
+        root, level = logging.getLogger(), logging.getLogger().level
+        root.setLevel(logging.ERROR)  # "consider pre-processing": a hint for static quantization
+        try:
+            quantize_dynamic(model, dest / "model.onnx", weight_type=QuantType.QInt8,
+                             per_channel=e.int8_per_channel, op_types_to_quantize=["MatMul"],
+                             nodes_to_quantize=nodes, use_external_data_format=big)
+        finally:
+            root.setLevel(level)
+    else:
+        from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+        say(f"  int4: quantizing {len(nodes)} MatMuls (MatMulNBits, block {e.int4_block_size})")
+        q = MatMulNBitsQuantizer(model, bits=4, block_size=e.int4_block_size, is_symmetric=True,
+                                 accuracy_level=e.int4_accuracy_level,
+                                 nodes_to_exclude=[n.name for n in model.graph.node if n.name not in set(nodes)])
+        q.process()
+        q.model.save_model_to_file(str(dest / "model.onnx"), use_external_data_format=big)
+    for f in src.iterdir():
+        if f.is_file() and not f.name.startswith("model.onnx") and f.name != "README.md":
+            shutil.copy2(f, dest / f.name)
+
+
+# --------------------------------------------------------------------------- evaluation
+
+
+def _torch_latency(model, tok, splits, cfg) -> dict:
+    """PyTorch fp32 prefill and decode of the same model, measured here for the speed ratios."""
+    blocks = perplexity_blocks(tok, splits.perplexity, cfg.eval.perplexity_blocks, cfg.eval.perplexity_block_tokens)
+    prompt = latency_prompt(tok, blocks, cfg.eval.prefill_tokens)
+    return measure_latency(model, prompt, cfg.eval.decode_tokens, cfg.eval.warmup_runs, cfg.eval.latency_runs)
+
+
+def evaluate_onnx(folder: Path, tok, splits, cfg, reference, name: str, threads: int) -> dict:
+    """Accuracy, agreement, perplexity and latency through an onnxruntime session, plus memory and size."""
+    t0 = time.perf_counter()
+    with peak_memory(torch.device("cpu")) as mem:
+        logits, latency = ort.open_onnx(folder, threads, cfg.export.graph_optimization)
+        record = evaluate_fns(logits, latency, tok, splits, cfg.data, cfg.eval, reference, name)
+        del logits, latency
+    record.update(peak_mem_mb=mem["peak_mem_mb"], size_mb=weights_size_mb(folder), eval_s=time.perf_counter() - t0)
+    return record
+
+
+# --------------------------------------------------------------------------- README
+
+
+README = """# {name}
+
+ONNX export of `{source}` made by `compress` (stage `export`, variant `{variant}`): a decoder with
+KV cache (optimum `text-generation-with-past`), {weights}. Files: `model.onnx` ({size:.0f} MB),
+`tokenizer.json`, `config.json`.
+
+Checked against PyTorch on {prompts} prompts ({tokens} tokens): max |logit difference| {diff:.3g},
+top-1 agreement {top1:.4f}.
+
+## Run it with onnxruntime alone
+
+```bash
+pip install onnxruntime==1.31.1 tokenizers==0.22.2 numpy
+```
+
+```python
+import numpy as np, onnxruntime as ort
+from tokenizers import Tokenizer
+
+tok = Tokenizer.from_file("tokenizer.json")
+sess = ort.InferenceSession("model.onnx")
+past = {{i.name: np.zeros((1, i.shape[1], 0, i.shape[3]), np.float32) for i in sess.get_inputs() if i.name.startswith("past")}}
+prompt = tok.encode("The best movie of the year is").ids
+ids, n, new = prompt, len(prompt), []
+for _ in range(24):  # greedy: one token per step, the KV cache fed back
+    feed = {{"input_ids": np.array([ids]), "attention_mask": np.ones((1, n), np.int64),
+            "position_ids": np.arange(n - len(ids), n)[None], **past}}
+    logits, *present = sess.run(None, feed)
+    past, ids = dict(zip(past, present)), [int(logits[0, -1].argmax())]
+    new, n = new + ids, n + 1
+print(tok.decode(new))
+```
+
+## Or with optimum (brings torch and transformers)
+
+```python
+from optimum.onnxruntime import ORTModelForCausalLM  # pip install "optimum-onnx[onnxruntime]==0.1.0"
+from transformers import AutoTokenizer
+
+model, tok = ORTModelForCausalLM.from_pretrained("."), AutoTokenizer.from_pretrained(".")
+print(tok.decode(model.generate(**tok("The best movie of the year is", return_tensors="pt"), max_new_tokens=24)[0]))
+```
+"""
+
+WEIGHTS = {"fp32": "fp32 weights",
+           "int8": "int8 weights (ONNX Runtime dynamic quantization, per channel; activations quantized on the fly)",
+           "int4": "4-bit weight-only MatMulNBits"}
+
+
+def write_readme(folder: Path, variant: str, source: Path, parity: dict) -> None:
+    fig = parity[variant]
+    (folder / "README.md").write_text(README.format(
+        name=folder.name, source=source.name if source.name != "model" else source.parent.name, variant=variant,
+        weights=WEIGHTS[variant], size=weights_size_mb(folder), prompts=fig["prompts"], tokens=fig["tokens"],
+        diff=fig["max_abs_diff"], top1=fig["top1"]))
