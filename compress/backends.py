@@ -7,7 +7,7 @@ and, where it can, a logits function for `compress.evaluate` (accuracy, perplexi
 | --- | --- |
 | a stage folder (has `model/`) | that `model/` |
 | a folder with `config.json` + safetensors | `torch` (fp32 on CPU) |
-| a folder with `model.onnx` | `onnxruntime`: lands with the export stage |
+| a folder with `model.onnx` | `onnxruntime` (the export stage's decode loop: IO binding, preallocated KV cache) |
 | a `.gguf` file | `llama.cpp` (optional extra: `pip install 'compress[llamacpp]'`) |
 """
 from __future__ import annotations
@@ -62,10 +62,40 @@ def open_backend(spec: str | Path, threads: int | None = None) -> Backend:
         torch.set_num_threads(threads)
     if path.suffix == ".gguf":
         return llamacpp_backend(path, threads)
-    if path.is_dir() and any(path.glob("*.onnx")):
-        raise CompressError(Problem("MODEL", str(spec), "holds an ONNX model: the onnxruntime backend lands with "
-                                    "the export stage; bench its source model folder for now"))
+    if path.is_dir() and (path / "model.onnx").is_file():
+        return onnx_folder(path, threads)
+    exported = sorted(p.parent.name for p in path.glob("*/model.onnx")) if path.is_dir() else []
+    if exported and not (path / "config.json").is_file():
+        raise CompressError(Problem("MODEL", str(spec), f"holds several exported models: bench one of "
+                                    f"{', '.join(str(path / e) for e in exported)}"))
     return torch_folder(path)
+
+
+def onnx_folder(path: Path, threads: int | None = None) -> Backend:
+    """An exported folder (model.onnx + tokenizer) through onnxruntime, with the export stage's
+    lean decode loop (IO binding, preallocated KV cache)."""
+    from compress import ort
+
+    ort.require_onnx("MODEL")
+    try:
+        lm = ort.OnnxLM.open(path, threads)
+    except CompressError:
+        raise
+    except Exception as e:  # onnxruntime's own errors for a corrupt or foreign graph
+        raise CompressError(Problem("MODEL", str(path), f"onnxruntime cannot open model.onnx ({str(e)[:200]}); "
+                                    "re-export it with `compress run pipeline=export`")) from None
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(path)
+    return Backend("onnxruntime", path, lambda ids, n, w, r: ort.measure_latency(lm, ids, n, w, r), lm.vocab,
+                   weights_size_mb(path), None, tok, ort.logits_fn(lm), _max_positions(path), {"lm": lm})
+
+
+def _max_positions(path: Path) -> int | None:
+    import json
+
+    config = path / "config.json"
+    return json.loads(config.read_text()).get("max_position_embeddings") if config.is_file() else None
 
 
 def torch_folder(path: Path, dtype: str = "float32") -> Backend:

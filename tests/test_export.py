@@ -43,6 +43,18 @@ def test_export_writes_three_onnx_models_evaluated_through_onnxruntime(exported)
     assert "parity fp32: max |diff|" in proc.stderr
 
 
+def test_bench_runs_an_exported_folder_through_onnxruntime(exported, tmp_path):
+    run, _ = exported
+    out = tmp_path / "bench.json"
+    proc = cli("bench", str(run / "01_export" / "onnx-int8"), "--threads", "1", "--prompt-lengths", "8",
+               "--decode-tokens", "4", "--runs", "1", "--json", str(out))
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(out.read_text())
+    assert result["backend"] == "onnxruntime" and result["rows"][0]["decode_tok_s"] > 0
+    proc = cli("bench", str(run / "01_export"), "--runs", "1")
+    assert proc.returncode == 2 and "onnx-int8" in proc.stderr  # a stage folder with three exports: say which
+
+
 def test_onnx_accuracy_matches_pytorch_on_the_same_model(exported):
     """The same scoring code on both backends: fp32 ONNX and PyTorch give the same predictions."""
     run, _ = exported

@@ -131,7 +131,7 @@ def test_bench_torch_folder(run, tmp_path):
 
 @pytest.mark.parametrize("setup, args, needle", [
     ("missing", [], "no such file or folder"),
-    ("onnx", [], "onnxruntime backend lands with the export stage"),
+    ("onnx", [], "onnxruntime cannot open model.onnx"),
     ("gguf", [], 'pip install "compress[llamacpp]"'),
     ("teacher", ["--prompt-lengths", "8,x"], "--prompt-lengths='8,x'"),
     ("teacher", ["--prompt-lengths", "100000"], "exceeds the model's"),
