@@ -8,7 +8,7 @@ from compress.errors import CompressError
 def test_default_job_is_the_embedded_one():
     cfg = load_config([])
     assert (cfg.teacher.name, cfg.student.name, cfg.data.name) == ("smollm2-135m", "smollm2-slim", "rotten_tomatoes")
-    assert cfg.teacher.trust_remote_code is False and cfg.student.keep_every == 3
+    assert cfg.teacher.trust_remote_code is False and cfg.student.keep_layers == list(range(10))
 
 
 def test_group_override_selects_the_file():

@@ -32,7 +32,7 @@ def test_loaded_model_is_fp32_on_cpu_with_a_pad_token(tiny_teacher):
 def test_student_keeps_every_third_teacher_layer(tmp_path, tiny_cfg):
     teacher = load_config(["teacher=tiny-random", "teacher.random.num_layers=7"]).teacher
     t_dir = loading.resolve(teacher, "teacher")
-    s_cfg = load_config([]).student  # smollm2-slim: from_teacher, keep_every=3
+    s_cfg = load_config(["student.keep_layers=null", "student.keep_every=3"]).student
     s_dir = student_build.resolve(s_cfg, t_dir)
     config = json.loads((s_dir / "config.json").read_text())
     assert config["num_hidden_layers"] == 3 and config["compress_kept_layers"] == [0, 3, 6]
