@@ -21,8 +21,8 @@ from compress import results
 from compress.artifact import Artifact, finish, is_done, versions, write_json
 from compress.console import out, say
 from compress.hub import text_hash
-from compress.stages import evaluate
-from students import distill
+from compress.stages import evaluate, quantize
+from students import distill, prune
 from teachers import finetune
 
 
@@ -48,6 +48,12 @@ STAGES: dict[str, Stage] = {s.name: s for s in [
           finetune.reevaluate),
     Stage("distill", distill.run, ("teacher", "student", "data", "distill", "trainer", "run.seed"),
           "soft-label + pseudo-label distillation into the student (Lightning), evaluated", distill.reevaluate),
+    Stage("prune", prune.run, ("teacher", "student", "data", "prune", "distill", "trainer", "run.seed"),
+          "structured pruning (torch-pruning: MLP units, GQA-aware heads, layers), then recovery distillation; "
+          "evaluated before and after recovery", prune.reevaluate),
+    Stage("quantize", quantize.run, ("student", "data", "quantize", "run.seed"),
+          "GPTQ 4-bit (GPTQModel), evaluated through its kernels; a size win on CPU, speed on GPU; "
+          "passes the unquantized model on", quantize.reevaluate),
 ]}
 
 
@@ -61,6 +67,8 @@ def preflight(cfg) -> None:
     load_splits(cfg.data)
     if "finetune_teacher" in cfg.pipeline.stages and cfg.teacher.method == "qlora":
         finetune.check_4bit(pick_device(cfg.teacher.device))
+    if "quantize" in cfg.pipeline.stages:
+        quantize.require_gptqmodel()
 
 
 def run_dir(cfg) -> Path:
