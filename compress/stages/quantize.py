@@ -2,7 +2,8 @@
 
 The artifact:
     model/          the unquantized input model (hard links to the input's files): what `export` reads
-    gptq/           the GPTQ checkpoint (packed integer weights + quantize_config.json); it loads with
+    gptq/           the GPTQ checkpoint (packed integer weights, fp16 scales; embeddings and norms in GPTQModel's
+                    dtype: bf16 on CPU, fp16 on GPU; quantize_config in config.json); it loads with
                     `GPTQModel.load(dir, device="cpu")` (fast kernels) or, with optimum installed,
                     `AutoModelForCausalLM.from_pretrained(dir)`
     logs/gptq.log   GPTQModel's own output
@@ -194,7 +195,7 @@ def quantize_and_measure(cfg, out: Path, reference: list[str] | None, quantize: 
                         damp_percent=q.damp_percent, offload_to_disk=False, pack_impl="original")
     t0 = time.perf_counter()
     if quantize:
-        model = GPTQModel.load(str(source), qc, device=str(device), dtype=dtype)
+        model = GPTQModel.load(str(source), qc, device=str(device))  # its dtype: bf16 on CPU, fp16 on GPU
         model.quantize(calibration_texts(tok, cfg, splits), batch_size=q.calibration_batch_size)
         model.save(str(out / "gptq"))
         tok.save_pretrained(out / "gptq")
