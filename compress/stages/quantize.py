@@ -140,7 +140,8 @@ def _in_child(cfg, out: Path, reference: list[str] | None, quantize: bool) -> di
     env = {**os.environ, "GPTQMODEL_CPU_WORKERS": workers, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     with open(logs / "gptq.log", "a") as log:  # GPTQModel's chatter; our progress bars stay on stderr
         proc = subprocess.run([sys.executable, "-m", "compress.stages.quantize", str(job)], stdout=log,
-                              stderr=subprocess.PIPE, text=True, env=env, cwd=logs)  # it writes gptq_log_*.log there
+                              stderr=subprocess.PIPE, text=True, env=env, cwd=logs,  # it writes gptq_log_*.log there
+                              preexec_fn=_die_with_parent if sys.platform == "linux" else None)
         log.write(proc.stderr)
     job.unlink()
     answer = json.loads(result.read_text()) if result.exists() else None
@@ -212,6 +213,17 @@ def quantize_and_measure(cfg, out: Path, reference: list[str] | None, quantize: 
     if quantize:
         record["quantize_s"] = quantize_s
     return record
+
+
+def _die_with_parent() -> None:
+    """In the child: get SIGTERM when the parent dies (a killed `compress run` leaves no orphan)."""
+    import ctypes
+    import signal
+
+    try:
+        ctypes.CDLL("libc.so.6").prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
 
 
 def _worker(job_path: Path) -> int:
