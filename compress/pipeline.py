@@ -25,8 +25,8 @@ from compress.errors import CompressError, Problem
 from compress.lock import holder, run_lock
 from compress.hub import text_hash
 from compress.report import write_report
-from compress.stages import evaluate, export
-from students import distill
+from compress.stages import evaluate, export, quantize
+from students import distill, prune
 from teachers import finetune
 
 
@@ -52,6 +52,12 @@ STAGES: dict[str, Stage] = {s.name: s for s in [
           finetune.reevaluate),
     Stage("distill", distill.run, ("teacher", "student", "data", "distill", "trainer", "run.seed"),
           "soft-label + pseudo-label distillation into the student (Lightning), evaluated", distill.reevaluate),
+    Stage("prune", prune.run, ("teacher", "student", "data", "prune", "distill", "trainer", "run.seed"),
+          "structured pruning (torch-pruning: MLP units, GQA-aware heads, layers), then recovery distillation; "
+          "evaluated before and after recovery", prune.reevaluate),
+    Stage("quantize", quantize.run, ("student", "data", "quantize", "run.seed"),
+          "GPTQ 4-bit (GPTQModel), evaluated through its kernels; a size win on CPU, speed on GPU; "
+          "passes the unquantized model on", quantize.reevaluate),
     Stage("export", export.run, ("teacher", "student", "data", "export", "run.seed"),
           "ONNX export (optimum) checked against PyTorch, int8/int4 CPU variants, evaluated through onnxruntime",
           export.reevaluate),
@@ -70,6 +76,8 @@ def preflight(cfg) -> None:
         finetune.check_4bit(pick_device(cfg.teacher.device))
     if "distill" in cfg.pipeline.stages and cfg.distill.soft_weight > 0 and (cfg.student.path or cfg.student.random):
         _check_vocabularies(cfg)  # a student of its own: fail now, not after hours of earlier stages
+    if "quantize" in cfg.pipeline.stages:
+        quantize.require_gptqmodel()
     if "export" in cfg.pipeline.stages:
         export.preflight(cfg)
 

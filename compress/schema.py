@@ -264,6 +264,77 @@ class DistillConfig(OptimConfig):
 
 
 @dataclass
+class PruneConfig:
+    """`prune`: structured pruning of the student (torch-pruning), then recovery distillation.
+
+    Every layer is pruned alike, so the model's config describes the new shapes and the
+    pruned model round-trips through `save_pretrained` / `from_pretrained`.
+    """
+
+    name: str = "default"
+    """Preset name (`prune=NAME`)."""
+    description: str = ""
+    """One line shown by `compress presets`."""
+    mlp_ratio: float = 0.5
+    """Fraction of each layer's MLP hidden units removed, in [0, 1) (0 keeps the MLP whole)."""
+    targets: List[str] = field(default_factory=lambda: ["gate_proj", "up_proj"])
+    """Linear layers whose output channels are the MLP's hidden units (module names or name endings);
+    the layers that read them (`down_proj`) follow through torch-pruning's dependency graph."""
+    heads: str = "none"
+    """Attention heads: none, query (the same number of query heads removed from every KV group) or
+    kv_groups (whole KV groups with their query heads). Pruned heads write `head_dim` into the config;
+    optimum's ONNX export derives head_dim = hidden_size / heads instead, so keep `none` to export."""
+    head_ratio: float = 0.0
+    """Fraction removed, in [0, 1): of the query heads of each KV group (heads=query) or of the KV
+    groups (heads=kv_groups); rounded to whole heads."""
+    drop_layers: List[int] = field(default_factory=list)
+    """Decoder layers (0-based) removed whole."""
+    importance: str = "taylor"
+    """taylor (first-order: |w * dL/dw| summed over a channel's or head's weights, gradients of the LM
+    loss on calibration batches from the train split) or magnitude (the weights' L2 norm)."""
+    round_to: int = 64
+    """The kept MLP width is a multiple of this (GPTQ's group size must divide every layer's width)."""
+    calibration_batches: int = 8
+    """Batches of the train split whose gradients give the Taylor importance."""
+    calibration_batch_size: int = 4
+    """Examples per calibration batch."""
+    recovery_steps: int = 60
+    """Steps of recovery distillation from the reference teacher (the `distill` loss settings and
+    batch size); 0 skips recovery."""
+    recovery_lr: float = 2e-4
+    """Peak learning rate of the recovery distillation."""
+
+
+@dataclass
+class QuantizeConfig:
+    """`quantize`: GPTQ weight-only quantization of the student (GPTQModel, CPU or GPU).
+
+    GPTQ's speed-ups come from GPU kernels; on a CPU it is a size win (the CPU kernels run
+    slower than fp32 on this model). The unquantized model is passed on for `export`.
+    """
+
+    name: str = "default"
+    """Preset name (`quantize=NAME`)."""
+    description: str = ""
+    """One line shown by `compress presets`."""
+    bits: int = 4
+    """Bits per weight: 2, 3, 4 or 8."""
+    group_size: int = 64
+    """Weights sharing one scale and zero point along a layer's input; must divide every quantized layer's
+    input width (576 is no multiple of 128: SmolLM2 needs 64 or 32), or -1 for one group per row."""
+    desc_act: bool = False
+    """Quantize columns in order of decreasing activation size (act-order): better accuracy, slower kernels."""
+    sym: bool = True
+    """Symmetric quantization (no zero point offset)."""
+    damp_percent: float = 0.05
+    """Dampening added to the Hessian's diagonal, as a fraction of its mean, in (0, 1)."""
+    calibration_samples: int = 32
+    """Train-split prompts (with their gold answers) that calibrate GPTQ's layer-wise reconstruction."""
+    calibration_batch_size: int = 4
+    """Calibration prompts per forward pass."""
+
+
+@dataclass
 class TrainerConfig:
     """Lightning Trainer settings shared by the training stages."""
 
@@ -366,9 +437,12 @@ class Config:
     trainer: TrainerConfig = MISSING
     export: ExportConfig = MISSING
     pipeline: PipelineConfig = MISSING
+    prune: PruneConfig = MISSING
+    quantize: QuantizeConfig = MISSING
 
 
-GROUPS = ("teacher", "student", "data", "eval", "finetune", "distill", "trainer", "export", "pipeline")
+GROUPS = ("teacher", "student", "data", "eval", "finetune", "distill", "prune", "quantize", "export", "trainer",
+          "pipeline")
 """Config groups, in the order `compress presets` lists them."""
 
 

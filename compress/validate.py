@@ -42,6 +42,7 @@ def validate(cfg) -> None:
                                 f"unknown or no stages; stages are: {', '.join(STAGES)}"))
     problems += _run_name(cfg.run.name)
     problems += _training(cfg)
+    problems += _compression(cfg)
     raise_if(problems, "invalid configuration")
 
 
@@ -169,3 +170,34 @@ def _strategy(tcfg) -> list[Problem]:
     if not re.fullmatch(r"auto|\d+|\[\s*\d+(\s*,\s*\d+)*\s*\]|-1", str(tcfg.devices)):
         return [Problem("trainer.devices", tcfg.devices, "a count (2), a list of device indices ([0,1]) or auto")]
     return []
+
+
+def _compression(cfg) -> list[Problem]:
+    from compress.stages.quantize import BITS
+    from students.prune import HEADS, IMPORTANCE
+
+    p, q = cfg.prune, cfg.quantize
+    problems = [Problem(f"prune.{k}", p[k], "must be in [0, 1): the fraction removed (0 removes nothing)")
+                for k in ("mlp_ratio", "head_ratio") if not 0 <= p[k] < 1]
+    if p.heads not in HEADS:
+        problems.append(Problem("prune.heads", p.heads, f"choose one of: {', '.join(HEADS)}"))
+    if p.importance not in IMPORTANCE:
+        problems.append(Problem("prune.importance", p.importance, f"choose one of: {', '.join(IMPORTANCE)}"))
+    if not p.targets:
+        problems.append(Problem("prune.targets", list(p.targets), "name the MLP's input projections, "
+                                "e.g. [gate_proj, up_proj]"))
+    problems += _positive(cfg, ["prune.round_to", "prune.calibration_batches", "prune.calibration_batch_size",
+                                "quantize.calibration_samples", "quantize.calibration_batch_size"], strict=True)
+    problems += _positive(cfg, ["prune.recovery_steps"], strict=False)
+    if not p.recovery_lr > 0:
+        problems.append(Problem("prune.recovery_lr", p.recovery_lr, "must be > 0, e.g. 2e-4"))
+    if any(i < 0 for i in p.drop_layers):
+        problems.append(Problem("prune.drop_layers", list(p.drop_layers), "layer indices are 0-based (>= 0)"))
+    if q.bits not in BITS:
+        problems.append(Problem("quantize.bits", q.bits, f"GPTQ supports {', '.join(map(str, BITS))} bits"))
+    if q.group_size != -1 and q.group_size < 1:
+        problems.append(Problem("quantize.group_size", q.group_size, "must be >= 1 (a divisor of every layer's "
+                                "input width, e.g. 32, 64 or 128), or -1 for one group per row"))
+    if not 0 < q.damp_percent < 1:
+        problems.append(Problem("quantize.damp_percent", q.damp_percent, "must be in (0, 1), e.g. 0.05"))
+    return problems

@@ -37,9 +37,9 @@ def test_eval_command_reads_a_gguf_file(tmp_path):
 @pytest.mark.slow
 def test_smollm2_full_pipeline_few_steps(tmp_path):
     """QLoRA on the real model (NF4 on CPU), then distillation into its slim student: a few steps each."""
-    proc = cli("run", "pipeline=full", f"data.path={RT_CSV}", "data.eval_size=48", "data.train_size=48",
-               "data.unlabeled_size=32", "eval=quick", "finetune=quick", "distill.max_steps=4", "distill.batch_size=4",
-               "trainer.log_every=1",
+    proc = cli("run", "pipeline.stages=[evaluate,finetune_teacher,distill]", f"data.path={RT_CSV}", "data.eval_size=48",
+               "data.train_size=48", "data.unlabeled_size=32", "eval=quick", "finetune=quick", "distill.max_steps=4",
+               "distill.batch_size=4", "trainer.log_every=1",
                f"run.root={tmp_path}", "run.name=real")
     assert proc.returncode == 0, proc.stderr
     run = tmp_path / "real"

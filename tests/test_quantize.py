@@ -1,0 +1,128 @@
+"""Stage `quantize`: GPTQ (GPTQModel) on tiny random Llamas through the CLI, the saved checkpoint loading
+with `AutoModelForCausalLM.from_pretrained`, and every bad input ending with exit 2."""
+import json
+import subprocess
+import sys
+
+import pytest
+
+from conftest import RT_CSV, TINY, cli
+
+QUICK = [*TINY, "prune=quick", "distill=quick", "quantize=quick", "pipeline=compress_only"]
+
+
+def test_group_size_must_divide_every_input_width():
+    from compress.errors import CompressError
+    from compress.stages.quantize import check_group_size
+
+    smollm2 = {"hidden_size": 576, "num_attention_heads": 9, "intermediate_size": 1536}
+    check_group_size(64, smollm2)
+    check_group_size(-1, smollm2)
+    with pytest.raises(CompressError) as e:
+        check_group_size(128, smollm2)
+    assert "quantize.group_size=128" in str(e.value) and "576" in str(e.value) and "group_size=64" in str(e.value)
+    pruned_heads = {"hidden_size": 576, "num_attention_heads": 6, "head_dim": 64, "intermediate_size": 768}
+    check_group_size(128, {**pruned_heads, "hidden_size": 512})  # o_proj reads heads x head_dim = 384
+    with pytest.raises(CompressError, match="o_proj"):
+        check_group_size(256, {**pruned_heads, "hidden_size": 512})
+
+
+def test_missing_gptqmodel_names_the_install_command(monkeypatch):
+    import importlib.util
+
+    from compress.errors import CompressError
+    from compress.stages import quantize
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "gptqmodel" else real(name, *a))
+    with pytest.raises(CompressError) as e:
+        quantize.require_gptqmodel()
+    assert quantize.INSTALL in str(e.value) and "pip install --no-build-isolation gptqmodel==5.6.12" in str(e.value)
+
+
+@pytest.fixture(scope="module")
+def gptq_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("runs")
+    proc = cli("run", *QUICK, f"run.root={root}", "run.name=Q")
+    assert proc.returncode == 0, proc.stderr
+    return root / "Q", proc
+
+
+def test_compress_only_prunes_and_quantizes_the_configured_student(gptq_run):
+    run, proc = gptq_run
+    records = json.loads((run / "results.json").read_text())["records"]
+    assert [r["role"] for r in records] == ["teacher", "student", "student-pruned", "student-recovered",
+                                            "student-gptq"]
+    gptq = records[-1]
+    assert gptq["backend"] == "gptq" and gptq["stage"] == "quantize" and "size win" in gptq["note"]
+    for key in ("accuracy", "agreement", "perplexity", "decode_tok_s", "size_mb", "peak_mem_mb", "quantize_s"):
+        assert gptq[key] >= 0, key
+    assert gptq["size_mb"] < records[3]["size_mb"] and gptq["params"] == records[3]["params"]
+    stage = run / "02_quantize"
+    assert {p.name for p in stage.iterdir()} == {"model", "gptq", "logs", "config.yaml", "metrics.json",
+                                                 "manifest.json", "DONE"}
+    assert (stage / "model" / "model.safetensors").read_bytes() == \
+        (run / "01_prune" / "model" / "model.safetensors").read_bytes()  # the fp model, passed on for export
+    quant = json.loads((stage / "gptq" / "config.json").read_text())["quantization_config"]
+    assert quant["bits"] == 4 and quant["group_size"] == 32
+    assert (stage / "logs" / "gptq.log").stat().st_size > 0
+    assert "gptqmodel" not in proc.stdout.lower()  # its chatter stays in the log
+
+
+def test_gptq_checkpoint_loads_with_transformers(gptq_run):
+    """In its own process: GPTQModel, once imported, slows other models of the process."""
+    run, _ = gptq_run
+    code = f"""
+import torch
+from transformers import AutoModelForCausalLM
+q = AutoModelForCausalLM.from_pretrained("{run / '02_quantize' / 'gptq'}", device_map="cpu", dtype=torch.float32)
+fp = AutoModelForCausalLM.from_pretrained("{run / '02_quantize' / 'model'}")
+assert type(q.model.layers[0].mlp.down_proj).__name__ != "Linear"
+ids = torch.tensor([list(range(40, 72))])
+with torch.no_grad():
+    a, b = q(input_ids=ids).logits, fp(input_ids=ids).logits
+agree = (a.argmax(-1) == b.argmax(-1)).float().mean().item()
+print("AGREE", agree)
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    agree = float(proc.stdout.split("AGREE")[-1])
+    assert agree >= 0.5  # 4-bit of a random model: the top-1 token mostly survives
+
+
+def test_rerun_skips_and_group_size_that_does_not_divide_exits_2(gptq_run):
+    run, _ = gptq_run
+    proc = cli("run", *QUICK, f"run.root={run.parent}", "run.name=Q")
+    assert proc.returncode == 0 and proc.stderr.count("up to date, skipped") == 3, proc.stderr
+    saved = {p: p.read_bytes() for p in run.glob("0*/**/*") if p.is_file()}
+    proc = cli("run", *QUICK, "quantize.group_size=48", f"run.root={run.parent}", "run.name=Q")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert "quantize.group_size=48" in proc.stderr and "must divide" in proc.stderr
+    assert {p: p.read_bytes() for p in run.glob("0*/**/*") if p.is_file()} == saved
+
+
+@pytest.mark.parametrize("overrides, needles", [
+    (["quantize.bits=5"], ["quantize.bits=5", "2, 3, 4, 8"]),
+    (["quantize.group_size=0", "quantize.damp_percent=2"], ["quantize.group_size=0", "quantize.damp_percent=2"]),
+])
+def test_bad_quantize_settings_exit_2_before_anything_runs(tmp_path, overrides, needles):
+    proc = cli("run", *QUICK, f"run.root={tmp_path}", "run.name=B", *overrides)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    for needle in needles:
+        assert needle in proc.stderr, (needle, proc.stderr)
+    assert not (tmp_path / "B").exists()
+
+
+@pytest.mark.slow
+def test_smollm2_slim_gptq_4bit(tmp_path):
+    """GPTQ of the real slim student (10 of SmolLM2's 30 layers, untrained: its perplexity is huge, so only
+    size and that the quantized model runs through GPTQModel's kernels are checked), read from the config."""
+    proc = cli("run", "pipeline.stages=[evaluate,quantize]", f"data.path={RT_CSV}", "data.eval_size=48",
+               "data.train_size=16", "data.unlabeled_size=0", "eval=quick", "quantize.calibration_samples=16",
+               f"run.root={tmp_path}", "run.name=real")
+    assert proc.returncode == 0, proc.stderr
+    student, gptq = json.loads((tmp_path / "real" / "results.json").read_text())["records"][1:]
+    assert gptq["size_mb"] < 0.6 * student["size_mb"] and gptq["params"] == student["params"]
+    assert 0 <= gptq["accuracy"] <= 1 and gptq["decode_tok_s"] > 0 and gptq["perplexity"] > 1
+    print(f"\nslim student {student['size_mb']:.0f} MB -> GPTQ 4-bit g64 {gptq['size_mb']:.0f} MB, quantized in "
+          f"{gptq['quantize_s']:.0f} s; decode {student['decode_tok_s']:.0f} -> {gptq['decode_tok_s']:.0f} tok/s")
