@@ -35,10 +35,10 @@ DIVERGENCES = {"forward_kl": losses.forward_kl, "reverse_kl": losses.reverse_kl,
 class DistillModule(L.LightningModule):
     """Trains `student` to match a frozen `teacher` (or its cached top-K log-probs)."""
 
-    def __init__(self, student, teacher, dcfg, topk: dict | None = None, layer_map: list[int] | None = None):
+    def __init__(self, student, teacher, dcfg, topk: dict | None = None):
         super().__init__()
         self.student, self.dcfg, self.topk = student, dcfg, topk
-        self.layer_map = layer_map or []
+        self.layer_map = layer_map(student.config, teacher.config, dcfg.hidden_weight) if teacher is not None else []
         """Teacher hidden-state index paired with each student layer's output (hidden_weight > 0)."""
         self.__dict__["teacher"] = teacher  # plain attribute, not a submodule
         self.strict_loading = False
@@ -261,7 +261,6 @@ def run(cfg, src: Artifact, out: Path) -> dict:
     student_dir = student_build.resolve(cfg.student, teacher_dir, dest=init)
     student, s_tok = loading.load(student_dir, cfg.student, "student")
     check_tokenizers(t_tok, s_tok, d.soft_weight)
-    t_config = teacher.config
     answers = pseudo_labels(teacher, t_tok, teacher_dir, splits, cfg, out)
 
     texts, targets, kinds = [], [], []
@@ -290,7 +289,7 @@ def run(cfg, src: Artifact, out: Path) -> dict:
                                 s_tok.pad_token_id, out)
         teacher = None  # training reads the cache only
     student.config.use_cache = False
-    module = DistillModule(student.train(), teacher, d, topk, layer_map(student.config, t_config, d.hidden_weight))
+    module = DistillModule(student.train(), teacher, d, topk)
     trainer = training.make_trainer(cfg.trainer, d, out, has_val=n_val > 0)
     say(f"  distilling into {cfg.student.name} ({sum(p.numel() for p in student.parameters()) / 1e6:.1f} M "
         f"params) for {d.max_steps} steps on {len(items) - n_val} examples")

@@ -87,7 +87,8 @@ def test_negative_temperature(run, capsys):
 
 
 def test_no_loss_term(run, capsys):
-    _has(_bad(run, capsys, "distill.soft_weight=0", "distill.pseudo_weight=0", "distill.hard_weight=0"),
+    _has(_bad(run, capsys, "distill.soft_weight=0", "distill.pseudo_weight=0", "distill.hard_weight=0",
+                      "distill.hidden_weight=0"),
          "distill.soft_weight=0", "all 0", "set at least one > 0")
 
 

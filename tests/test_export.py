@@ -117,7 +117,7 @@ def test_parity_failure_exits_2_with_the_figures(exported):
     assert re.search(r"differ from PyTorch's by up to [0-9.e-]+ \(top-1 agreement [01]\.\d+ on \d+ tokens",
                      proc.stderr.replace("\n", " "))
     assert (run.parent / "P" / "00_evaluate" / "DONE").exists()  # what was finished is kept
-    assert not (run.parent / "P" / "01_export").exists() and not list((run.parent / "P").glob(".*tmp"))
+    assert not (run.parent / "P" / "01_export").exists()  # never marked done (its temporary folder stays for a rerun)
 
 
 @pytest.mark.parametrize("overrides, needles", [

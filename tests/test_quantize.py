@@ -51,9 +51,10 @@ def gptq_run(tmp_path_factory):
 def test_compress_only_prunes_and_quantizes_the_configured_student(gptq_run):
     run, proc = gptq_run
     records = json.loads((run / "results.json").read_text())["records"]
-    assert [r["role"] for r in records] == ["teacher", "student", "student-pruned", "student-recovered",
-                                            "student-gptq"]
-    gptq = records[-1]
+    assert [r["role"] for r in records][:5] == ["teacher", "student", "student-pruned", "student-recovered",
+                                                "student-gptq"]
+    assert [r["stage"] for r in records[5:]] == ["export"] * len(records[5:]) and len(records) > 5
+    gptq = records[4]
     assert gptq["backend"] == "gptq" and gptq["stage"] == "quantize" and "size win" in gptq["note"]
     for key in ("accuracy", "agreement", "perplexity", "decode_tok_s", "size_mb", "peak_mem_mb", "quantize_s"):
         assert gptq[key] >= 0, key
@@ -93,7 +94,7 @@ print("AGREE", agree)
 def test_rerun_skips_and_group_size_that_does_not_divide_exits_2(gptq_run):
     run, _ = gptq_run
     proc = cli("run", *QUICK, f"run.root={run.parent}", "run.name=Q")
-    assert proc.returncode == 0 and proc.stderr.count("up to date, skipped") == 3, proc.stderr
+    assert proc.returncode == 0 and proc.stderr.count("up to date, skipped") == 4, proc.stderr
     saved = {p: p.read_bytes() for p in run.glob("0*/**/*") if p.is_file()}
     proc = cli("run", *QUICK, "quantize.group_size=48", f"run.root={run.parent}", "run.name=Q")
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr

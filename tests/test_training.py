@@ -24,14 +24,17 @@ def full_run(tmp_path_factory):
 def test_full_pipeline_writes_every_stage(full_run):
     run, proc = full_run
     assert sorted(p.name for p in run.iterdir() if p.is_dir()) == ["00_evaluate", "01_finetune_teacher", "02_distill",
-                                                                   "cache"]
+                                                                   "03_prune", "04_quantize", "05_export", "cache"]
     ft, ds = run / "01_finetune_teacher", run / "02_distill"
     assert (ft / "adapter" / "adapter_config.json").is_file() and (ft / "model" / "model.safetensors").is_file()
     assert not (ft / "checkpoints").exists() and (ft / "logs" / "metrics.csv").is_file()
     assert (ds / "model" / "model.safetensors").is_file() and (ds / "pseudo_labels.jsonl").is_file()
     records = json.loads((run / "results.json").read_text())["records"]
-    assert [(r["stage"], r["role"]) for r in records] == [
-        ("evaluate", "teacher"), ("evaluate", "student"), ("finetune_teacher", "teacher"), ("distill", "student")]
+    assert [(r["stage"], r["role"]) for r in records][:7] == [
+        ("evaluate", "teacher"), ("evaluate", "student"), ("finetune_teacher", "teacher"), ("distill", "student"),
+        ("prune", "student-pruned"), ("prune", "student-recovered"), ("quantize", "student-gptq")]
+    assert [r["backend"] for r in records[7:]] == ["onnxruntime"] * len(records[7:]) and len(records) > 7
+    assert (run / "report.md").is_file() and (run / "report.png").is_file()
     for r in records:
         for key in ("accuracy", "retention", "retention_base", "agreement", "decode_tok_s"):
             assert r[key] is not None, (r["stage"], key)
@@ -187,13 +190,13 @@ def test_each_divergence_gives_a_finite_soft_loss(tiny_teacher, divergence):
     items = training.encode_examples(tok, cfg.data, [e.text for e in splits.train[:4]], [" positive"] * 4, 256, [1] * 4)
     batch = training.collate(tok.pad_token_id)(items)
     parts = DistillModule(student, teacher, cfg.distill).losses(batch)
-    assert set(parts) == {"soft", "pseudo"} and all(torch.isfinite(v) and v > 0 for v in parts.values())
+    assert set(parts) == {"soft", "pseudo", "hidden"} and all(torch.isfinite(v) and v > 0 for v in parts.values())
 
 
 def _module_batch(tiny_teacher, overrides):
     from compress import training
     from compress.data import load_splits
-    from students.distill import DistillModule, layer_map
+    from students.distill import DistillModule
 
     _, teacher, tok = tiny_teacher
     cfg = load_config(TINY + overrides)
@@ -201,8 +204,7 @@ def _module_batch(tiny_teacher, overrides):
     splits = load_splits(cfg.data)
     items = training.encode_examples(tok, cfg.data, [e.text for e in splits.train[:4]], [" positive"] * 4, 256, [1] * 4)
     batch = training.collate(tok.pad_token_id)(items)
-    lmap = layer_map(student.config, teacher.config, cfg.distill.hidden_weight)
-    return DistillModule(student, teacher, cfg.distill, layer_map=lmap), student, teacher, batch
+    return DistillModule(student, teacher, cfg.distill), student, teacher, batch
 
 
 @pytest.mark.parametrize("soft_on", ["all", "answer"])
@@ -210,7 +212,8 @@ def test_losses_on_selected_rows_equal_full_logits_reference(tiny_teacher, soft_
     """The module projects only the rows a term reads; the values match full-logit losses."""
     from students import losses
 
-    module, student, teacher, batch = _module_batch(tiny_teacher, [f"distill.soft_on={soft_on}"])
+    module, student, teacher, batch = _module_batch(tiny_teacher, [f"distill.soft_on={soft_on}",
+                                                                   "distill.hidden_weight=0"])
     parts = module.losses(batch)
     ids, attn = batch["input_ids"], batch["attention_mask"]
     s = student(input_ids=ids, attention_mask=attn).logits[:, :-1]  # (B, T-1, V)
