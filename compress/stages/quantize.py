@@ -180,7 +180,6 @@ def source_params(folder: Path) -> int:
 def quantize_and_measure(cfg, out: Path, reference: list[str] | None, quantize: bool = True) -> dict:
     """Quantize `out/model` into `out/gptq` (unless `quantize` is False), load it back through GPTQModel's
     kernels and measure it."""
-    import torch
     from gptqmodel import GPTQModel, QuantizeConfig
 
     from compress.data import load_splits
