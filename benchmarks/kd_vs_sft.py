@@ -4,7 +4,7 @@ Part 1 trains the same student (same init, steps, batch, learning rate) three wa
 fine-tuned teacher:
   sft     hard labels only (gold labels of the `train` split)
   pseudo  the teacher's pseudo-labels only (the `unlabeled` split)
-  kd      soft labels + pseudo-labels (the `unlabeled` split)
+  kd      soft labels + pseudo-labels (the `unlabeled` split), plus the preset's hidden-state term
 and reports accuracy, agreement with the teacher and retention.
 
 Part 2 measures time per step and peak memory of teacher fine-tuning with QLoRA (NF4),
@@ -26,11 +26,14 @@ import sys
 import time
 from pathlib import Path
 
-VARIANTS = {
-    "sft": {"distill.soft_weight": 0.0, "distill.pseudo_weight": 0.0, "distill.hard_weight": 1.0},
-    "pseudo": {"distill.soft_weight": 0.0, "distill.pseudo_weight": 1.0, "distill.hard_weight": 0.0},
+VARIANTS = {  # sft and pseudo read nothing of the teacher's but its answers: no hidden-state term either
+    "sft": {"distill.soft_weight": 0.0, "distill.pseudo_weight": 0.0, "distill.hard_weight": 1.0,
+            "distill.hidden_weight": 0.0},
+    "pseudo": {"distill.soft_weight": 0.0, "distill.pseudo_weight": 1.0, "distill.hard_weight": 0.0,
+               "distill.hidden_weight": 0.0},
     "kd": {"distill.soft_weight": 1.0, "distill.pseudo_weight": 1.0, "distill.hard_weight": 0.0},
 }
+"""Loss weights of each variant; everything else (steps, batch, lr, hidden-state weight of `kd`) is the preset's."""
 METHODS = {"qlora": ["teacher.method=qlora"], "lora-bf16": ["teacher.method=lora", "teacher.dtype=bfloat16"],
            "lora-fp32": ["teacher.method=lora", "teacher.dtype=float32"]}
 

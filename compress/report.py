@@ -33,8 +33,11 @@ def _cpu(res: dict) -> str:
 
 
 def label(r: dict) -> str:
+    name, model = r.get("role"), str(r.get("model") or "")
+    if model.startswith(f"{name}-"):  # the variant is in the model's name: student-onnx-int8
+        name = model
     backend = "" if r.get("backend") in (None, "torch") else f" [{r['backend']}]"
-    return f"{r.get('stage')}: {r.get('role')}{backend}"
+    return f"{r.get('stage')}: {name}{backend}"
 
 
 # --------------------------------------------------------------------------- the picture
@@ -69,6 +72,8 @@ def plot(records: list[dict], path: Path, title: str = "") -> Path:
                     ha="center", va="center", transform=ax.transAxes)
     fig.suptitle(title)
     fig.tight_layout()
+    _place_labels(speed, pts, "decode_tok_s")
+    _place_labels(size, pts, "size_mb")
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
@@ -83,21 +88,7 @@ def _panel(ax, records: list[dict], key: str, xlabel: str, better) -> None:
     pts = [r for r in records if r.get(key)]
     for r in pts:
         ax.scatter(r[key], r["retention"], s=70, marker=MARKERS.get(r.get("backend"), "o"),
-                   color=COLORS.get(r.get("role"), "tab:gray"), edgecolor="black", zorder=3)
-    span = max([r["retention"] for r in pts] + [1.0]) - min([r["retention"] for r in pts] + [1.0]) or 1.0
-    placed: list[tuple[float, float, bool]] = []
-    for x, y, text in _labels(pts, key):
-        # below when the last label near this height (and close in x) went above, so neighbours do not overlap
-        near = [up for px, py, up in placed if abs(py - y) < 0.06 * span and x / px < 3]
-        up = not near[-1] if near else True
-        placed.append((x, y, up))
-        ax.annotate(text, (x, y), xytext=(8, 8 if up else -8), textcoords="offset points", fontsize=9,
-                    va="bottom" if up else "top")
-    front = [(better(x), y) for x, y in pareto([(better(r[key]), r["retention"]) for r in pts])]
-    if front:
-        xs, ys = zip(*front)
-        ax.scatter(xs, ys, s=190, facecolor="none", edgecolor="tab:green", linewidth=1.5, zorder=2)
-        ax.step(xs, ys, where="post", color="tab:green", linestyle="--", alpha=0.8, zorder=2)
+                   color=COLORS.get(str(r.get("role")).split("-")[0], "tab:gray"), edgecolor="black", zorder=3)
     ax.axhline(1.0, color="gray", linewidth=0.8, linestyle=":")
     ax.set_xscale("log")
     plain = FuncFormatter(lambda v, _: f"{v:g}")
@@ -112,6 +103,11 @@ def _panel(ax, records: list[dict], key: str, xlabel: str, better) -> None:
         ys = [r["retention"] for r in pts] + [1.0]
         pad = max(0.05, (max(ys) - min(ys)) * 0.15)
         ax.set_ylim(min(ys) - pad, max(ys) + pad)
+    front = [(better(x), y) for x, y in pareto([(better(r[key]), r["retention"]) for r in pts])]
+    if front:
+        xs, ys = zip(*front)
+        ax.scatter(xs, ys, s=190, facecolor="none", edgecolor="tab:green", linewidth=1.5, zorder=2)
+        ax.step(xs, ys, where="post", color="tab:green", linestyle="--", alpha=0.8, zorder=2)
     ax.grid(True, which="both", alpha=0.3)
     handles = [Line2D([], [], marker="o", linestyle="", color=c, markeredgecolor="black", label=role)
                for role, c in COLORS.items()]
@@ -121,6 +117,34 @@ def _panel(ax, records: list[dict], key: str, xlabel: str, better) -> None:
                        label="Pareto front"),
                 Line2D([], [], color="gray", linestyle=":", label="reference teacher (retention 1)")]
     ax.legend(handles=handles, loc="best", fontsize=8)
+
+
+def _place_labels(ax, pts: list[dict], key: str) -> None:
+    """Label every point (after the layout is final): the first spot (right or left, above or below, then
+    further out) whose box stays in the axes and overlaps no marker and no label placed so far; a label
+    away from its point gets a leader line."""
+    from matplotlib.transforms import Bbox
+
+    pts = [r for r in pts if r.get(key)]
+    renderer = ax.figure.canvas.get_renderer()
+    frame = ax.get_window_extent(renderer)
+    boxes = [Bbox.from_bounds(px - 6, py - 6, 12, 12)  # the markers: no label covers one
+             for px, py in ax.transData.transform([(r[key], r["retention"]) for r in pts])] if pts else []
+    spots = [(dx, dy) for dy in (8, 22, 36, 50) for dx in (8, -8) for dy in (dy, -dy)]
+    for x, y, text in _labels(pts, key):
+        for dx, dy in spots:
+            note = ax.annotate(text, (x, y), xytext=(dx, dy), textcoords="offset points", fontsize=9,
+                               va="bottom" if dy > 0 else "top", ha="left" if dx > 0 else "right",
+                               arrowprops=dict(arrowstyle="-", color="gray", lw=0.6) if abs(dy) > 8 else None)
+            box = note.get_window_extent(renderer)
+            inside = frame.x0 <= box.x0 and box.x1 <= frame.x1 and frame.y0 <= box.y0 and box.y1 <= frame.y1
+            if inside and not any(box.overlaps(b) for b in boxes):
+                break
+            note.remove()
+        else:
+            note = ax.annotate(text, (x, y), xytext=(8, 8), textcoords="offset points", fontsize=9)
+            box = note.get_window_extent(renderer)
+        boxes.append(box)
 
 
 def _labels(pts: list[dict], key: str) -> list[tuple[float, float, str]]:

@@ -257,6 +257,9 @@ class DistillConfig(OptimConfig):
     """Mixture weight of the generalized JSD, in (0, 1)."""
     soft_on: str = "all"
     """Positions of the soft-label term: all (every prompt and answer token) or answer."""
+    freeze_embeddings: bool = False
+    """Keep the student's token embeddings (and an output head tied to them) fixed; only the layers
+    and norms train. Faster steps, and a student cut from the teacher keeps the teacher's token space."""
     topk_cache: int = 0
     """If K > 0, compute the teacher's top-K log-probs once into the artifact and train from them."""
     pseudo_max_new_tokens: int = 32

@@ -289,10 +289,14 @@ def run(cfg, src: Artifact, out: Path) -> dict:
                                 s_tok.pad_token_id, out)
         teacher = None  # training reads the cache only
     student.config.use_cache = False
+    if d.freeze_embeddings:
+        student.get_input_embeddings().weight.requires_grad_(False)
     module = DistillModule(student.train(), teacher, d, topk)
     trainer = training.make_trainer(cfg.trainer, d, out, has_val=n_val > 0)
-    say(f"  distilling into {cfg.student.name} ({sum(p.numel() for p in student.parameters()) / 1e6:.1f} M "
-        f"params) for {d.max_steps} steps on {len(items) - n_val} examples")
+    n_all = sum(p.numel() for p in student.parameters()) / 1e6
+    n_trained = sum(p.numel() for p in student.parameters() if p.requires_grad) / 1e6
+    say(f"  distilling into {cfg.student.name} ({n_all:.1f} M params, {n_trained:.1f} M trained) for "
+        f"{d.max_steps} steps on {len(items) - n_val} examples")
     trainer.fit(module, training.step_loader(items[n_val:], d.batch_size, s_tok.pad_token_id, cfg.run.seed, trainer),
                 training.loader(items[:n_val], d.batch_size, s_tok.pad_token_id, False) if n_val else None,
                 ckpt_path=training.last_checkpoint(out))

@@ -8,6 +8,8 @@ into the de-quantized base, i.e. exactly the function that was trained, in full 
 """
 from __future__ import annotations
 
+import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import lightning as L
@@ -114,6 +116,25 @@ def bnb_config(cfg, device: torch.device):
                               bnb_4bit_compute_dtype=compute_dtype(cfg, device))
 
 
+@contextmanager
+def peft_sees_gptqmodel_only_if_imported():
+    """Stop peft from importing GPTQModel just to ask whether a layer is a GPTQ layer.
+
+    peft 0.17-0.19 checks every LoRA target against GPTQModel's (and its AWQ) layer classes and
+    imports GPTQModel to do so whenever it is installed (the `gptq` extra). That import rewrites
+    HF_HOME (to /tmp) and slows every model of the process about 2x. A layer can only be a
+    GPTQModel layer if GPTQModel is already imported, so peft is told exactly that.
+    """
+    from peft.tuners.lora import awq, gptq
+
+    saved = awq.is_gptqmodel_available, gptq.is_gptqmodel_available
+    awq.is_gptqmodel_available = gptq.is_gptqmodel_available = lambda: "gptqmodel" in sys.modules
+    try:
+        yield
+    finally:
+        awq.is_gptqmodel_available, gptq.is_gptqmodel_available = saved
+
+
 def trainable_model(folder: Path, cfg):
     """The teacher ready to train with cfg.method; its tokenizer."""
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
@@ -135,7 +156,8 @@ def trainable_model(folder: Path, cfg):
     if cfg.method in ("qlora", "lora"):
         lora = LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
                           target_modules=lora_targets(model, cfg), task_type="CAUSAL_LM")
-        model = get_peft_model(model, lora)
+        with peft_sees_gptqmodel_only_if_imported():
+            model = get_peft_model(model, lora)
     model.config.use_cache = False
     return model.train(), tok
 
@@ -154,7 +176,8 @@ def merged_teacher(folder: Path, adapter: Path, cfg, dest: Path) -> None:
     else:
         base = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32,
                                                     trust_remote_code=cfg.trust_remote_code)
-    merged = PeftModel.from_pretrained(base, adapter).merge_and_unload()
+    with peft_sees_gptqmodel_only_if_imported():
+        merged = PeftModel.from_pretrained(base, adapter).merge_and_unload()
     if hasattr(merged.config, "quantization_config"):
         del merged.config.quantization_config
     merged.config.use_cache = True

@@ -27,6 +27,16 @@ def test_group_size_must_divide_every_input_width():
         check_group_size(256, {**pruned_heads, "hidden_size": 512})
 
 
+def test_link_model_twice_resumes(tmp_path):
+    from compress.stages.quantize import link_model
+
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "config.json").write_text("{}")
+    link_model(tmp_path / "src", tmp_path / "dest")
+    link_model(tmp_path / "src", tmp_path / "dest")  # a resumed stage: the folder from the first attempt is there
+    assert (tmp_path / "dest" / "config.json").read_text() == "{}"
+
+
 def test_missing_gptqmodel_names_the_install_command(monkeypatch):
     import importlib.util
 
@@ -42,10 +52,10 @@ def test_missing_gptqmodel_names_the_install_command(monkeypatch):
 
 @pytest.fixture(scope="module")
 def gptq_run(tmp_path_factory):
-    root = tmp_path_factory.mktemp("runs")
-    proc = cli("run", *QUICK, f"run.root={root}", "run.name=Q")
+    home = tmp_path_factory.mktemp("user")  # run.root relative to the working directory, as by default
+    proc = cli("run", *QUICK, "run.root=runs", "run.name=Q", cwd=home)
     assert proc.returncode == 0, proc.stderr
-    return root / "Q", proc
+    return home / "runs" / "Q", proc
 
 
 def test_compress_only_prunes_and_quantizes_the_configured_student(gptq_run):
@@ -67,6 +77,7 @@ def test_compress_only_prunes_and_quantizes_the_configured_student(gptq_run):
     quant = json.loads((stage / "gptq" / "config.json").read_text())["quantization_config"]
     assert quant["bits"] == 4 and quant["group_size"] == 32
     assert (stage / "logs" / "gptq.log").stat().st_size > 0
+    assert not list(run.parent.parent.glob("gptq_log_*"))  # GPTQModel's own log files go to logs/ too
     assert "gptqmodel" not in proc.stdout.lower()  # its chatter stays in the log
 
 

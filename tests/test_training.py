@@ -243,3 +243,45 @@ def test_hidden_state_term_pairs_layers_and_trains_student_only(tiny_teacher):
     wide = type(teacher.config)(**{**teacher.config.to_dict(), "hidden_size": 128})
     with pytest.raises(CompressError, match="distill.hidden_weight"):
         layer_map(student.config, wide, 1.0)
+
+
+def test_lora_injection_leaves_gptqmodel_unimported(tiny_teacher):
+    """peft would import GPTQModel (installed for `quantize`) to check LoRA targets: it rewrites HF_HOME and slows
+    the whole process. The guard keeps it out; checked in a fresh interpreter, where nothing imported it yet."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    folder = tiny_teacher[0]
+    code = f"""
+import os, sys
+from compress.config import load_config
+from teachers import finetune
+from conftest import TINY
+cfg = load_config(TINY + ["teacher.method=lora"])
+home = os.environ.get("HF_HOME")
+from pathlib import Path
+model, _ = finetune.trainable_model(Path({str(folder)!r}), cfg.teacher)
+assert any("lora_A" in n for n, _ in model.named_parameters())
+assert "gptqmodel" not in sys.modules, "peft imported gptqmodel"
+assert os.environ.get("HF_HOME") == home
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          cwd=Path(__file__).parent)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def test_freeze_embeddings_trains_the_layers_only(tmp_path):
+    from safetensors.torch import load_file
+
+    proc = cli("run", *TINY, "distill=quick", "distill.freeze_embeddings=true", "pipeline.stages=[evaluate,distill]",
+               "eval.latency=false", f"run.root={tmp_path}", "run.name=Z")
+    assert proc.returncode == 0, proc.stderr
+    assert "M trained)" in proc.stderr
+    run = tmp_path / "Z"
+    before_dir = json.loads((run / "00_evaluate" / "metrics.json").read_text())["records"][1]["path"]
+    before = load_file(f"{before_dir}/model.safetensors")
+    after = load_file(run / "02_distill" / "model" / "model.safetensors")
+    emb = "model.embed_tokens.weight"
+    assert torch.equal(before[emb], after[emb])
+    assert not torch.equal(before["model.layers.0.mlp.up_proj.weight"], after["model.layers.0.mlp.up_proj.weight"])

@@ -248,6 +248,7 @@ def quantize(variant: str, src: Path, dest: Path, e) -> None:
     key = f"export.{variant}_exclude"
     nodes = select_nodes(model, list(e.int8_exclude if variant == "int8" else e.int4_exclude), key)
     fold_transposed_weights(model, nodes)
+    shutil.rmtree(dest, ignore_errors=True)  # a resumed stage writes it again
     dest.mkdir(parents=True)
     big = model.ByteSize() > 1_800_000_000  # protobuf's 2 GB limit: weights go to model.onnx_data
     if variant == "int8":

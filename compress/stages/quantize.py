@@ -78,6 +78,7 @@ def check_group_size(group_size: int, config: dict) -> None:
 
 def link_model(src: Path, dest: Path) -> None:
     """`dest` holds the files of `src`: hard links where the filesystem allows, else copies."""
+    shutil.rmtree(dest, ignore_errors=True)  # a resumed stage links again
     dest.mkdir(parents=True)
     for f in src.iterdir():
         if f.is_file():
@@ -131,6 +132,7 @@ def _in_child(cfg, out: Path, reference: list[str] | None, quantize: bool) -> di
     """Run `quantize_and_measure` (or only the measuring) in a fresh Python process; return its record."""
     from omegaconf import OmegaConf
 
+    out = out.resolve()
     logs = out / "logs"
     logs.mkdir(exist_ok=True)
     job, result = logs / "gptq_job.json", logs / "gptq_result.json"
@@ -140,7 +142,7 @@ def _in_child(cfg, out: Path, reference: list[str] | None, quantize: bool) -> di
     env = {**os.environ, "GPTQMODEL_CPU_WORKERS": workers, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     with open(logs / "gptq.log", "a") as log:  # GPTQModel's chatter; our progress bars stay on stderr
         proc = subprocess.run([sys.executable, "-m", "compress.stages.quantize", str(job)], stdout=log,
-                              stderr=subprocess.PIPE, text=True, env=env, cwd=logs,  # it writes gptq_log_*.log there
+                              stderr=subprocess.PIPE, text=True, env=env,  # the user's cwd: relative paths hold
                               preexec_fn=_die_with_parent if sys.platform == "linux" else None)
         log.write(proc.stderr)
     job.unlink()
@@ -188,22 +190,28 @@ def quantize_and_measure(cfg, out: Path, reference: list[str] | None, quantize: 
 
     q, source = cfg.quantize, out / "model"
     device = loading.pick_device(cfg.student.device)
-    dtype = loading.pick_dtype(cfg.student.dtype, device)
     splits = load_splits(cfg.data)
     tok = loading.load_tokenizer(source, cfg.student, "student")
     qc = QuantizeConfig(bits=q.bits, group_size=q.group_size, desc_act=q.desc_act, sym=q.sym,
                         damp_percent=q.damp_percent, offload_to_disk=False, pack_impl="original")
     t0 = time.perf_counter()
     if quantize:
-        model = GPTQModel.load(str(source), qc, device=str(device))  # its dtype: bf16 on CPU, fp16 on GPU
-        model.quantize(calibration_texts(tok, cfg, splits), batch_size=q.calibration_batch_size)
-        model.save(str(out / "gptq"))
+        texts, cwd = calibration_texts(tok, cfg, splits), os.getcwd()
+        os.chdir(out / "logs")  # GPTQModel writes its gptq_log_*.log files into the working directory
+        try:
+            model = GPTQModel.load(str(source), qc, device=str(device))  # its dtype: bf16 on CPU, fp16 on GPU
+            model.quantize(texts, batch_size=q.calibration_batch_size)
+            model.save(str(out / "gptq"))
+        finally:
+            os.chdir(cwd)
         tok.save_pretrained(out / "gptq")
         del model
     quantize_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     with peak_memory(device) as mem:
-        qmodel = GPTQModel.load(str(out / "gptq"), device=str(device), dtype=dtype)
+        # GPTQModel's own activation dtype (bf16 on CPU, fp16 on GPU): its fused CPU kernel took 45x longer
+        # on an fp32 prefill (68 s vs 1.6 s for 16 x 130 tokens, SmolLM2 student)
+        qmodel = GPTQModel.load(str(out / "gptq"), device=str(device))
         record = evaluate_torch(qmodel.model, tok, splits, cfg.data, cfg.eval, reference, "gptq")
         del qmodel
     record.pop("predictions", None)
