@@ -97,7 +97,8 @@ def variants(args, cfg, teacher_dir: Path, student_dir: Path):
            ("student bf16", cast(torch.bfloat16, "student bf16")), ("student int8 dynamic", int8)]
     if args.run:
         for onnx in sorted({p.parent for p in args.run.rglob("*.onnx")}):
-            out.append((f"student onnx {onnx.relative_to(args.run)}", lambda o=onnx: open_backend(o, args.threads)))
+            name = f"student onnx {onnx.relative_to(args.run)}"
+            out.append((name, lambda o=onnx, n=name: _named(open_backend(o, args.threads), n)))
     if args.gguf or cfg.teacher.gguf_package:
         out.append(("teacher GGUF llama.cpp", gguf_teacher))
     return out

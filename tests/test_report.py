@@ -129,6 +129,23 @@ def test_bench_torch_folder(run, tmp_path):
     assert "decode tok/s" in proc.stdout
 
 
+@pytest.mark.slow
+def test_bench_gguf_on_llamacpp(tmp_path):
+    """The optional llama.cpp backend (the `llamacpp` extra) on the real model's bundled GGUF; its absence is the
+    `gguf` case of the next test."""
+    pytest.importorskip("llama_cpp")
+    from compress.config import load_config
+    from teachers import loading
+
+    gguf = loading.bundled_gguf(load_config([]).teacher, "teacher")
+    out = tmp_path / "bench.json"
+    proc = cli("bench", str(gguf), "--prompt-lengths", "8", "--decode-tokens", "4", "--runs", "1", "--warmup", "0",
+               "--threads", "1", "--json", str(out))
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(out.read_text())
+    assert result["backend"] == "llama.cpp" and result["rows"][0]["decode_tok_s"] > 0
+
+
 @pytest.mark.parametrize("setup, args, needle", [
     ("missing", [], "no such file or folder"),
     ("onnx", [], "onnxruntime cannot open model.onnx"),
