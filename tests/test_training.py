@@ -281,7 +281,7 @@ def test_freeze_embeddings_trains_the_layers_only(tmp_path):
     run = tmp_path / "Z"
     before_dir = json.loads((run / "00_evaluate" / "metrics.json").read_text())["records"][1]["path"]
     before = load_file(f"{before_dir}/model.safetensors")
-    after = load_file(run / "02_distill" / "model" / "model.safetensors")
+    after = load_file(run / "01_distill" / "model" / "model.safetensors")
     emb = "model.embed_tokens.weight"
     assert torch.equal(before[emb], after[emb])
     assert not torch.equal(before["model.layers.0.mlp.up_proj.weight"], after["model.layers.0.mlp.up_proj.weight"])
