@@ -103,6 +103,7 @@ def main() -> None:
     from compress.cli import _quiet
     from compress.config import load_config
     from compress.console import out, say
+    from compress.results import record_path
     from teachers import loading
 
     _quiet()
@@ -129,9 +130,10 @@ def main() -> None:
     run = args.run or newest_run(ROOT / "runs")
     if run is not None:
         for r in json.loads((run / "results.json").read_text())["records"]:
-            if r.get("path") and r.get("decode_tok_s") and Path(r["path"]).exists():
+            path = record_path(run, r["path"]) if r.get("path") else None
+            if path is not None and r.get("decode_tok_s") and path.exists():
                 models.append({"model": f"{r['stage']} {r['role']}:{r['model']} ({r.get('backend')})",
-                               "path": Path(r["path"]), "source": f"{run.name}/results.json",
+                               "path": path, "source": f"{run.name}/results.json",
                                **({} if args.measure else {"decode_tok_s": r["decode_tok_s"]})})
                 if args.measure:
                     models[-1]["source"] = "measured here"

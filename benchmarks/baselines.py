@@ -37,7 +37,9 @@ def student_path(args, cfg, teacher_dir: Path) -> Path:
         students = [r for r in json.loads((args.run / "results.json").read_text())["records"]
                     if r.get("role") == "student" and r.get("path")]
         if students:
-            return Path(students[-1]["path"])
+            from compress.results import record_path
+
+            return record_path(args.run, students[-1]["path"])
     from students import build
 
     return build.resolve(cfg.student, teacher_dir)

@@ -111,6 +111,15 @@ def load(run_dir: Path) -> dict:
                                     "rebuild it")) from None
 
 
+def record_path(run_dir: Path, path: str) -> Path:
+    """A record's model path, found from any working directory: records made with a relative `run.root`
+    hold paths relative to where the run was started (`runs/<name>/02_distill/model`)."""
+    p, run_dir = Path(path), Path(run_dir)
+    if p.is_absolute() or run_dir.name not in p.parts:
+        return p
+    return run_dir.joinpath(*p.parts[p.parts.index(run_dir.name) + 1:])
+
+
 def cells(record: dict) -> list[str]:
     """One record formatted as the table's cells (COLUMNS order); '-' where not measured."""
     out = []
