@@ -3,6 +3,7 @@
 import csv
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 
@@ -182,3 +183,11 @@ def test_report_without_accuracy(run, tmp_path):
     (dest / "results.json").write_text(json.dumps(res))
     md, png = write_report(dest)
     assert png.is_file() and "| - |" in md.read_text()
+
+
+def test_record_path_resolves_a_relative_run_root(tmp_path):
+    from compress.results import record_path
+
+    run = tmp_path / "elsewhere" / "runs" / "R"
+    assert record_path(run, "runs/R/02_distill/model") == run / "02_distill" / "model"
+    assert record_path(run, "/abs/model") == Path("/abs/model")
