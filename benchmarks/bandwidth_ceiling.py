@@ -7,8 +7,9 @@ on its threads), then for the fp32 teacher and every model of a run prints that 
 the percentage of it the measured decode achieves.
 
 Bytes read per token: every weight tensor except an untied input embedding (a token reads one
-row of it); a tied embedding is read whole, as the output head. The KV cache (small at these
-lengths) is not counted. For a .gguf or .onnx file: its size on disk.
+row of it); a tied embedding is read whole, as the output head. For ONNX: every initializer
+except those only a Gather reads. The KV cache (small at these lengths) is not counted. For a
+.gguf file: its size on disk.
 
     python benchmarks/bandwidth_ceiling.py                   # teacher + the newest run under runs/
     python benchmarks/bandwidth_ceiling.py --run runs/exp1 --sizes-mb 64,256,1024
@@ -57,10 +58,10 @@ def _timed(fn) -> float:
 
 def bytes_per_token(path: Path) -> int:
     """Bytes of weights one decoded token reads (see the module docstring)."""
-    if path.is_file():  # .gguf / .onnx
+    if path.suffix == ".onnx" or (path.is_dir() and (path / "model.onnx").exists()):
+        return onnx_bytes_per_token(path if path.is_file() else path / "model.onnx")
+    if path.is_file():  # .gguf
         return path.stat().st_size
-    if any(path.glob("*.onnx")):
-        return sum(p.stat().st_size for p in path.iterdir() if p.suffix in (".onnx", ".onnx_data"))
     sizes = {}
     for f in sorted(path.glob("*.safetensors")):
         with open(f, "rb") as fh:
@@ -72,6 +73,24 @@ def bytes_per_token(path: Path) -> int:
     embed = [k for k in sizes if k.endswith(("embed_tokens.weight", "wte.weight"))]
     untied = any(k.endswith("lm_head.weight") for k in sizes)
     return sum(sizes.values()) - (sum(sizes[k] for k in embed) if untied else 0)
+
+
+def onnx_bytes_per_token(onnx_file: Path) -> int:
+    """The graph's weights, less those only a Gather reads (an embedding table: one row per token).
+    An int8 export keeps the fp32 embedding for the lookup and a separate int8 copy as the head."""
+    import onnx
+
+    model = onnx.load(str(onnx_file), load_external_data=False)
+    readers: dict[str, set[str]] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            readers.setdefault(name, set()).add(node.op_type)
+    total = gathered = 0
+    for t in model.graph.initializer:
+        size = int(np.prod(t.dims, dtype=np.int64)) * onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
+        total += size
+        gathered += size if readers.get(t.name) == {"Gather"} else 0
+    return total - gathered
 
 
 def newest_run(root: Path) -> Path | None:
