@@ -23,7 +23,7 @@ from compress.artifact import Artifact, versions, write_json
 COLUMNS = [  # (record key, header, format)
     ("stage", "stage", "{}"), ("role", "model", "{}"), ("backend", "backend", "{}"),
     ("accuracy", "acc", "{:.3f}"), ("retention", "retention", "{:.3f}"), ("retention_base", "ret. base", "{:.3f}"), ("agreement", "agree", "{:.3f}"),
-    ("perplexity", "ppl", "{:.2f}"), ("prefill_ms", "prefill ms", "{:.1f}"), ("decode_tok_s", "decode tok/s", "{:.1f}"),
+    ("perplexity", "ppl", "{:.4g}"), ("prefill_ms", "prefill ms", "{:.1f}"), ("decode_tok_s", "decode tok/s", "{:.1f}"),
     ("speedup", "speed up", "{:.2f}x"), ("size_mb", "size MB", "{:.1f}"), ("params", "params M", "{:.2f}"),
     ("peak_mem_mb", "peak MB", "{:.0f}"), ("stage_wall_s", "stage s", "{:.0f}"),
 ]
