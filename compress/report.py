@@ -130,7 +130,7 @@ def _place_labels(ax, pts: list[dict], key: str) -> None:
     frame = ax.get_window_extent(renderer)
     boxes = [Bbox.from_bounds(px - 6, py - 6, 12, 12)  # the markers: no label covers one
              for px, py in ax.transData.transform([(r[key], r["retention"]) for r in pts])] if pts else []
-    spots = [(dx, dy) for dy in (8, 22, 36, 50) for dx in (8, -8) for dy in (dy, -dy)]
+    spots = [(dx, dy) for d in (8, 22, 36, 50) for dx in (8, -8) for dy in (d, -d)]
     for x, y, text in _labels(pts, key):
         for dx, dy in spots:
             note = ax.annotate(text, (x, y), xytext=(dx, dy), textcoords="offset points", fontsize=9,
