@@ -91,7 +91,8 @@ def _check_vocabularies(cfg) -> None:
 
 
 def run_dir(cfg) -> Path:
-    return Path(cfg.run.root).expanduser() / cfg.run.name
+    """The run folder, absolute: the paths that results.json and the artifacts record work from any folder."""
+    return Path(cfg.run.root).expanduser().resolve() / cfg.run.name
 
 
 def stage_dirs(cfg) -> list[Path]:

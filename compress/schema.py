@@ -354,7 +354,8 @@ class TrainerConfig:
     num_nodes: int = 1
     """Machines taking part."""
     precision: str = "auto"
-    """auto (bf16-mixed on a bf16 GPU, else 32-true) or any Lightning precision string."""
+    """auto: bf16-mixed on a bf16 GPU, and for distillation also on a CPU with native bf16 (AMX or
+    AVX512-BF16), else 32-true; or any Lightning precision string (32-true keeps distillation in fp32)."""
     checkpoint_every: int = 50
     """Save a Lightning checkpoint every N optimizer steps (trainable weights only)."""
     log_every: int = 5

@@ -128,12 +128,22 @@ def optimizer_and_schedule(params, ocfg) -> dict:
     return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
 
-def precision(tcfg) -> str:
+def precision(tcfg, cpu_bf16: bool = False) -> str:
+    """Lightning's precision for `trainer.precision=auto`: bf16-mixed on a bf16 GPU; with `cpu_bf16`
+    also on a CPU with native bf16 matmuls (AMX or AVX512-BF16), else 32-true."""
     if tcfg.precision != "auto":
         return tcfg.precision
-    if torch.cuda.is_available() and tcfg.accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_bf16_supported():
+    gpu = torch.cuda.is_available() and tcfg.accelerator in ("auto", "gpu", "cuda")
+    if gpu and torch.cuda.is_bf16_supported():
+        return "bf16-mixed"
+    if not gpu and cpu_bf16 and cpu_has_bf16():
         return "bf16-mixed"
     return "32-true"
+
+
+def cpu_has_bf16() -> bool:
+    """Whether this CPU multiplies bf16 natively; elsewhere bf16 autocast is emulated and slower than fp32."""
+    return any(getattr(torch.cpu, f, lambda: False)() for f in ("_is_amx_tile_supported", "_is_avx512_bf16_supported"))
 
 
 def _devices(value: str):
@@ -173,7 +183,7 @@ class GlobalLoss(L.Callback):
                           on_step=True, on_epoch=False)
 
 
-def make_trainer(tcfg, ocfg, out: Path, has_val: bool):
+def make_trainer(tcfg, ocfg, out: Path, has_val: bool, cpu_bf16: bool = False):
     """A Lightning Trainer from the `trainer` and stage optimisation settings; logs and checkpoints in `out`.
 
     Strategy, devices, nodes and precision pass straight to Lightning. Every
@@ -193,7 +203,7 @@ def make_trainer(tcfg, ocfg, out: Path, has_val: bool):
     trainer = L.Trainer(
         max_steps=ocfg.max_steps, accumulate_grad_batches=ocfg.grad_accum,
         accelerator=tcfg.accelerator, devices=_devices(tcfg.devices), strategy=tcfg.strategy,
-        num_nodes=tcfg.num_nodes, precision=precision(tcfg), use_distributed_sampler=False,  # StepBatches shards
+        num_nodes=tcfg.num_nodes, precision=precision(tcfg, cpu_bf16), use_distributed_sampler=False,  # StepBatches shards
         gradient_clip_val=ocfg.max_grad_norm or None, log_every_n_steps=tcfg.log_every,
         enable_progress_bar=tcfg.progress_bar, enable_model_summary=False, num_sanity_val_steps=0,
         logger=CSVLogger(out, name="logs", version=""), callbacks=[ckpt, Resume(), GlobalLoss()],

@@ -3,6 +3,7 @@ with `AutoModelForCausalLM.from_pretrained`, and every bad input ending with exi
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -78,6 +79,7 @@ def test_compress_only_prunes_and_quantizes_the_configured_student(gptq_run):
     assert quant["bits"] == 4 and quant["group_size"] == 32
     assert (stage / "logs" / "gptq.log").stat().st_size > 0
     assert not list(run.parent.parent.glob("gptq_log_*"))  # GPTQModel's own log files go to logs/ too
+    assert all(Path(r["path"]).is_absolute() and Path(r["path"]).exists() for r in records if r.get("path"))
     assert "gptqmodel" not in proc.stdout.lower()  # its chatter stays in the log
 
 

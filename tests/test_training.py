@@ -285,3 +285,17 @@ def test_freeze_embeddings_trains_the_layers_only(tmp_path):
     emb = "model.embed_tokens.weight"
     assert torch.equal(before[emb], after[emb])
     assert not torch.equal(before["model.layers.0.mlp.up_proj.weight"], after["model.layers.0.mlp.up_proj.weight"])
+
+
+def test_auto_precision_is_bf16_for_distillation_only_on_a_bf16_cpu(monkeypatch):
+    from compress import training
+
+    tcfg = load_config(["trainer=cpu", "trainer.accelerator=cpu"]).trainer
+    assert training.precision(tcfg) == "32-true"  # fine-tuning: fp32 on CPU
+    monkeypatch.setattr(training, "cpu_has_bf16", lambda: True)
+    assert training.precision(tcfg, cpu_bf16=True) == "bf16-mixed"
+    monkeypatch.setattr(training, "cpu_has_bf16", lambda: False)  # emulated bf16 is slower than fp32
+    assert training.precision(tcfg, cpu_bf16=True) == "32-true"
+    tcfg.precision = "32-true"
+    monkeypatch.setattr(training, "cpu_has_bf16", lambda: True)
+    assert training.precision(tcfg, cpu_bf16=True) == "32-true"  # an explicit setting wins
