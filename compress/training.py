@@ -203,7 +203,8 @@ def make_trainer(tcfg, ocfg, out: Path, has_val: bool, cpu_bf16: bool = False):
     trainer = L.Trainer(
         max_steps=ocfg.max_steps, accumulate_grad_batches=ocfg.grad_accum,
         accelerator=tcfg.accelerator, devices=_devices(tcfg.devices), strategy=tcfg.strategy,
-        num_nodes=tcfg.num_nodes, precision=precision(tcfg, cpu_bf16), use_distributed_sampler=False,  # StepBatches shards
+        num_nodes=tcfg.num_nodes, precision=precision(tcfg, cpu_bf16),
+        use_distributed_sampler=False,  # StepBatches shards
         gradient_clip_val=ocfg.max_grad_norm or None, log_every_n_steps=tcfg.log_every,
         enable_progress_bar=tcfg.progress_bar, enable_model_summary=False, num_sanity_val_steps=0,
         logger=CSVLogger(out, name="logs", version=""), callbacks=[ckpt, Resume(), GlobalLoss()],

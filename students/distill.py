@@ -65,7 +65,8 @@ class DistillModule(L.LightningModule):
         kind = batch["kind"][:, None].expand_as(rows)[rows][None]  # (1, N): 0 gold, 1 pseudo
         target, on = ids[:, 1:][rows][None], answer[rows][None]  # (1, N)
         out = {}
-        t_out = self._teacher(batch, d.hidden_weight > 0) if self.teacher is not None else None
+        reads_teacher = self.teacher is not None and (d.soft_weight > 0 or d.hidden_weight > 0)
+        t_out = self._teacher(batch, d.hidden_weight > 0) if reads_teacher else None  # pseudo/hard only: no teacher
         if d.soft_weight > 0:
             out["soft"] = self._soft(batch, rows, logits, t_out)
         if d.pseudo_weight > 0:

@@ -245,6 +245,20 @@ def test_hidden_state_term_pairs_layers_and_trains_student_only(tiny_teacher):
         layer_map(student.config, wide, 1.0)
 
 
+def test_pseudo_and_hard_labels_alone_do_not_run_the_teacher(tiny_teacher):
+    module, _, teacher, batch = _module_batch(tiny_teacher, ["distill.soft_weight=0", "distill.hidden_weight=0",
+                                                             "distill.hard_weight=1"])
+    calls = []
+    hook = teacher.get_decoder().register_forward_hook(lambda *a: calls.append(1))
+    try:
+        assert set(module.losses(batch)) == {"pseudo", "hard"} and not calls
+        module, *_ = _module_batch(tiny_teacher, ["distill.soft_weight=0", "distill.hidden_weight=1"])
+        module.losses(batch)
+        assert calls  # the hidden-state term reads the teacher
+    finally:
+        hook.remove()
+
+
 def test_lora_injection_leaves_gptqmodel_unimported(tiny_teacher):
     """peft would import GPTQModel (installed for `quantize`) to check LoRA targets: it rewrites HF_HOME and slows
     the whole process. The guard keeps it out; checked in a fresh interpreter, where nothing imported it yet."""
