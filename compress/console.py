@@ -16,4 +16,5 @@ def progress() -> Progress:
 
 
 def say(message: str) -> None:
-    console.print(message, highlight=False)
+    """One message, never wrapped at the console width: a line a user greps for stays whole."""
+    console.print(message, highlight=False, soft_wrap=True)
