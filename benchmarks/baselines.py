@@ -33,13 +33,13 @@ ROOT = Path(__file__).resolve().parents[1]
 def student_path(args, cfg, teacher_dir: Path) -> Path:
     if args.student:
         return args.student
-    if args.run:
-        students = [r for r in json.loads((args.run / "results.json").read_text())["records"]
-                    if r.get("role") == "student" and r.get("path")]
-        if students:
-            from compress.results import record_path
+    if args.run:  # the student role of the run's last finished stage: a PyTorch folder, never an ONNX one
+        from compress.artifact import Artifact
 
-            return record_path(args.run, students[-1]["path"])
+        stages = [d for d in sorted(args.run.glob("[0-9][0-9]_*")) if (d / "DONE").exists()]
+        student = Artifact.load(stages[-1]).student() if stages else None
+        if student is not None:
+            return Path(student["path"])
     from students import build
 
     return build.resolve(cfg.student, teacher_dir)

@@ -175,7 +175,9 @@ def main() -> int:
     print_tables(variants, methods)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"variants": variants, "finetune_methods": methods,
+    from compress.results import hardware
+
+    out.write_text(json.dumps({"hardware": hardware(), "variants": variants, "finetune_methods": methods,
                                "teacher": src.metrics()["records"][0]}, indent=2, default=str))
     print(f"wrote {out}")
     return 0

@@ -191,7 +191,9 @@ def main() -> None:
         print(f"{k:<12}{v['size_mb']:>9.1f}{v.get('perplexity', float('nan')):>9.2f}"
               f"{v.get('top1', float('nan')):>8.4f}{v.get('max_abs_diff', float('nan')):>11.3g}")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({
+    from compress.results import hardware
+
+    Path(args.out).write_text(json.dumps({"hardware": hardware(),
         "model": str(model_dir), "threads": args.threads, "prompt_tokens": args.prompt, "new_tokens": args.tokens,
         "rounds": args.rounds, "decode": decode, "models": rows,
         "cpu": next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()

@@ -39,7 +39,9 @@ def main() -> None:
     run = run_pipeline(cfg)  # prints the results table, writes results.json/csv and the report
     res = json.loads((run / "results.json").read_text())
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"run": str(run), "overrides": args.overrides, "wall_s": time.perf_counter() - t0,
+    from compress.results import hardware
+
+    args.out.write_text(json.dumps({"hardware": hardware(), "run": str(run), "overrides": args.overrides, "wall_s": time.perf_counter() - t0,
                                     "report": str(run / "report.md"), **res}, indent=2, default=str))
     say(f"wrote {args.out} (report: {run / 'report.md'}, {run / 'report.png'})")
 

@@ -38,17 +38,29 @@ class Artifact:
         """Hash of the stage name, its config and its input's identity: what decides a rerun."""
         return self.manifest["identity"]
 
-    @property
-    def model_dir(self) -> Path | None:
-        """The model this stage produced, if it produced one."""
-        return self.path / "model" if self.path is not None and (self.path / "model").is_dir() else None
+    def teacher(self) -> dict:
+        """The teacher role: the reference that agreement and retention are measured against
+        (path, name, accuracy, base_accuracy, predictions)."""
+        role = self._role("teacher")
+        if role is None:
+            raise RuntimeError(f"{self.path} records no teacher (an artifact of a pipeline that did not start with "
+                               "`evaluate`; the pipeline's checks refuse that before any stage runs)")
+        return role
 
-    def reference(self) -> dict:
-        """The current teacher (folder, accuracy, predictions) that retention is measured against."""
-        ref = self.metrics().get("reference")
-        if ref is None:
-            raise RuntimeError(f"{self.path} carries no reference teacher: the pipeline must start with `evaluate`")
-        return {**ref, "teacher": str((self.path / ref["teacher"]).resolve())}
+    def student(self) -> dict | None:
+        """The student role (path, name): the model the next stage compresses; None when none was made."""
+        return self._role("student")
+
+    def _role(self, name: str) -> dict | None:
+        metrics = self.metrics()
+        role = metrics.get("roles", {}).get(name)
+        if role is None and name == "teacher" and "reference" in metrics:  # artifacts made before roles
+            role = {**metrics["reference"], "path": metrics["reference"]["teacher"]}
+        if role is None and name == "student" and (self.path / "model").is_dir():
+            role = {"path": "model", "name": None}
+        if role is None:
+            return None
+        return {**role, "path": str((self.path / role["path"]).resolve())}
 
     def metrics(self) -> dict:
         return json.loads((self.path / "metrics.json").read_text()) if self.path else {}

@@ -20,11 +20,12 @@ from typing import Callable
 
 import torch
 
+from compress import extras
 from compress.errors import CompressError, Problem
 from compress.evaluate import LogitsFn, count_params, measure_latency, torch_logits_fn, weights_size_mb
 
-LLAMACPP_INSTALL = ('CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DLLAVA_BUILD=OFF" pip install "compress[llamacpp]" '
-                    '(llama-cpp-python 0.3.16 compiles llama.cpp from source: about 10 minutes on 2 cores)')
+LLAMACPP_INSTALL = (f"{extras.install('llamacpp')} (llama-cpp-python compiles llama.cpp from source: about "
+                    "10 minutes on 2 cores)")
 
 
 @dataclass

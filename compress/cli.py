@@ -64,7 +64,7 @@ def cmd_presets(args) -> int:
     from rich.table import Table
 
     from compress.config import presets
-    from compress.pipeline import STAGES
+    from compress.stages import STAGES
 
     table = Table(title="presets (select with GROUP=OPTION)")
     for col in ("group", "option", "description"):
@@ -84,8 +84,9 @@ def cmd_eval(args) -> int:
     from compress.artifact import write_json
     from compress.config import load_config
     from compress.data import load_splits
+    from compress.measure import evaluate_folder
+    from compress.records import Record
     from compress.results import table
-    from compress.stages.evaluate import evaluate_folder
     from compress.validate import validate
     from teachers import loading
 
@@ -95,9 +96,7 @@ def cmd_eval(args) -> int:
     splits = load_splits(cfg.data)
     folder = loading.resolve(model_cfg, "teacher")
     record = evaluate_folder(folder, model_cfg, "teacher", splits, cfg)
-    record.pop("predictions", None)
-    record = {"stage": "eval", "role": "model", "model": args.model, "backend": "torch", "path": str(folder),
-              **record}
+    record = Record.of("eval", "teacher", model_cfg.name, record, path=str(folder)).to_dict()
     out.print(table([record], title=f"eval: {args.model} on {cfg.data.name}"))
     if args.out:
         write_json(Path(args.out), {"records": [record]})

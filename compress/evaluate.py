@@ -77,7 +77,7 @@ def encode_requests(tokenizer, prompts: list[str], continuations: list[str], cha
 # --------------------------------------------------------------------------- scoring
 
 
-def _pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+def pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     width = max(len(s) for s in seqs)
     ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(seqs), width), dtype=torch.long)
@@ -104,7 +104,7 @@ def choice_logprobs(logits_fn: LogitsFn, requests: list[Request], batch_size: in
         task = bar.add_task(desc, total=len(seqs))
         for start in range(0, len(seqs), batch_size):
             batch = seqs[start: start + batch_size]
-            ids, mask = _pad([s[2] for s in batch], pad_id)
+            ids, mask = pad([s[2] for s in batch], pad_id)
             # the positions whose next-token distribution scores a continuation token
             spans = [(len(requests[i][0]) - 1, len(seq) - 1 if not single else len(seq)) for i, _, seq in batch]
             positions = sorted({p for a, b in spans for p in range(a, b)})
@@ -162,7 +162,7 @@ def perplexity(logits_fn: LogitsFn, blocks: list[list[int]], batch_size: int, pa
         task = bar.add_task(desc, total=len(blocks))
         for start in range(0, len(blocks), batch_size):
             batch = blocks[start: start + batch_size]
-            ids, mask = _pad(batch, pad_id)
+            ids, mask = pad(batch, pad_id)
             logits = logits_fn(ids, mask, None)[:, :-1].float()  # (B, T-1, V)
             target = ids[:, 1:].to(logits.device)  # (B, T-1)
             keep = mask[:, 1:].bool().to(logits.device)

@@ -1,9 +1,11 @@
 """The retained-accuracy gate: `compress check RUN --min-retention 0.9` for CI.
 
-Every record of the checked stage (its students, one per backend; the stage's teachers when
-it made no student) must keep `retention >= min_retention`; with a baseline run, its
-accuracy must also not fall more than `max_drop` below the same stage, model and backend
-there. Bad input (no run, no results, unknown stage) is a CompressError: exit code 2.
+The gate follows roles: it checks the students a stage hands on (`output` records: the recovered
+student of prune, not the pruned one before recovery; the GPTQ student of quantize; every ONNX form
+of export), by default of the last stage that produced a student; a stage that made no student
+(finetune_teacher) is checked on its teachers. Each must keep `retention >= min_retention`; with a
+baseline run, its accuracy must also not fall more than `max_drop` below the same stage, model,
+form and backend there. Bad input (no run, no results, unknown stage) is a CompressError: exit 2.
 """
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ from rich.table import Table
 
 from compress import results
 from compress.errors import CompressError, Problem
+from compress.records import Record
 
 
 @dataclass(frozen=True)
@@ -30,24 +33,28 @@ class Check:
     passed: bool
 
 
-def default_stage(records: list[dict]) -> str | None:
-    """The stage of the last student record that has an accuracy (the run's final student)."""
-    students = [r for r in records if r.get("role") == "student" and r.get("accuracy") is not None]
-    return students[-1]["stage"] if students else None
+def produced_students(records: list[Record], stage: str) -> list[Record]:
+    """The students `stage` hands on, measured."""
+    return [r for r in records if r.stage == stage and r.role == "student" and r.output and r.accuracy is not None]
 
 
-def pick(records: list[dict], stage: str | None, run_dir: Path) -> tuple[str, list[dict]]:
-    """The stage checked and its records (students when it has any)."""
-    stages = list(dict.fromkeys(r.get("stage") for r in records))
+def default_stage(records: list[Record]) -> str | None:
+    """The last stage that produced a student (with an accuracy): the run's final student."""
+    stages = [r.stage for r in records if produced_students(records, r.stage)]
+    return stages[-1] if stages else None
+
+
+def pick(records: list[Record], stage: str | None, run_dir: Path) -> tuple[str, list[Record]]:
+    """The stage checked and its records: the students it hands on, else (no student) its teachers."""
+    stages = list(dict.fromkeys(r.stage for r in records))
     stage = stage or default_stage(records)
     if stage is None:
-        raise CompressError(Problem("RUN", str(run_dir), "no record has an accuracy to gate on: run with "
+        raise CompressError(Problem("RUN", str(run_dir), "no student record has an accuracy to gate on: run with "
                                     "eval.accuracy=true on a labelled task"))
-    chosen = [r for r in records if r.get("stage") == stage]
+    chosen = [r for r in records if r.stage == stage]
     if not chosen:
         raise CompressError(Problem("--stage", stage, f"no such stage in this run; its stages are {stages}"))
-    students = [r for r in chosen if r.get("role") == "student"]
-    return stage, students or chosen
+    return stage, produced_students(records, stage) or [r for r in chosen if r.role == "teacher"] or chosen
 
 
 def checks(run_dir: Path, min_retention: float, stage: str | None = None, baseline: Path | None = None,
@@ -60,13 +67,13 @@ def checks(run_dir: Path, min_retention: float, stage: str | None = None, baseli
         problems.append(Problem("--max-drop", max_drop, "must be >= 0, e.g. 0.01 for one accuracy point"))
     if problems:
         raise CompressError(problems)
-    records = results.load(run_dir)["records"]
+    records = [Record.from_dict(r) for r in results.load(run_dir)["records"]]
     stage, chosen = pick(records, stage, Path(run_dir))
-    base_records = results.load(baseline)["records"] if baseline is not None else None
+    base_records = [Record.from_dict(r) for r in results.load(baseline)["records"]] if baseline is not None else None
     out = []
     for r in chosen:
-        name = f"{r.get('stage')} {r.get('role')}:{r.get('model')} [{r.get('backend')}]"
-        ret = r.get("retention")
+        name = r.label
+        ret = r.retention
         if ret is None:
             raise CompressError(Problem("--stage", stage, f"{name} has no retention (no accuracy measured, or no "
                                         "teacher accuracy): run with eval.accuracy=true"))
@@ -76,15 +83,15 @@ def checks(run_dir: Path, min_retention: float, stage: str | None = None, baseli
     return stage, out
 
 
-def _drop_check(name: str, r: dict, base_records: list[dict], baseline: Path, max_drop: float) -> Check:
-    key = (r.get("stage"), r.get("role"), r.get("model"), r.get("backend"))
-    match = [b for b in base_records if (b.get("stage"), b.get("role"), b.get("model"), b.get("backend")) == key]
-    if not match or match[0].get("accuracy") is None or r.get("accuracy") is None:
+def _drop_check(name: str, r: Record, base_records: list[Record], baseline: Path, max_drop: float) -> Check:
+    key = lambda x: (x.stage, x.role, x.model, x.variant, x.backend)  # noqa: E731
+    match = [b for b in base_records if key(b) == key(r)]
+    if not match or match[0].accuracy is None or r.accuracy is None:
         raise CompressError(Problem("--baseline", str(baseline), f"has no accuracy for {name}: compare runs of "
                                     "the same pipeline"))
-    drop = match[0]["accuracy"] - r["accuracy"]
+    drop = match[0].accuracy - r.accuracy
     return Check(name, f"accuracy drop vs baseline <= {max_drop:.3f}",
-                 f"{r['accuracy']:.3f} (baseline {match[0]['accuracy']:.3f}, drop {drop:+.3f})", drop <= max_drop)
+                 f"{r.accuracy:.3f} (baseline {match[0].accuracy:.3f}, drop {drop:+.3f})", drop <= max_drop)
 
 
 def table(run_dir: Path, stage: str, rows: list[Check]) -> Table:

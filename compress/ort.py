@@ -25,10 +25,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from compress import extras
 from compress.errors import CompressError, Problem
 
-INSTALL = "pip install optimum==2.1.0 optimum-onnx==0.1.0 onnxruntime==1.31.1 onnx==1.23.2 onnx-ir==1.1.0"
-"""The ONNX packages compress depends on, at the versions tested together (pyproject.toml)."""
 
 GRAPH_LEVELS = ("disable", "basic", "extended", "all")
 
@@ -43,7 +42,7 @@ def require_onnx(key: str = "pipeline.stages") -> None:
             missing.append(module)
     if missing:
         raise CompressError(Problem(key, "export", f"needs {', '.join(missing)}, which are not installed: "
-                                    f"run `{INSTALL}`"))
+                                    f"run `{extras.install('onnx')}`"))
 
 
 def session(model_path: Path, threads: int | None = None, graph_level: str = "all"):

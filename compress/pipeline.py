@@ -1,10 +1,10 @@
-"""The stage table and the runner that walks it.
+"""The runner: walks the stage table (compress/stages/) over `cfg.pipeline.stages`.
 
-A stage is a plain function `run(cfg, src: Artifact, out: Path) -> metrics`. It reads only
-its input artifact (and the config), and writes only `out`, a temporary folder that the
-runner renames to `<run>/<NN>_<stage>/` once config.yaml, metrics.json, manifest.json and
-DONE are in it. A rerun skips a stage whose folder is DONE with the same identity (its
-config sections and its input); a change reruns that stage and every one after it.
+A stage is a module with `run(cfg, src: Artifact, out: Path) -> metrics`. It reads only its
+input artifact (and the config), and writes only `out`, a temporary folder that the runner
+renames to `<run>/<NN>_<stage>/` once config.yaml, metrics.json, manifest.json and DONE are in
+it. A rerun skips a stage whose folder is DONE with the same identity (its config sections and
+its input); a change reruns that stage and every one after it.
 """
 from __future__ import annotations
 
@@ -12,82 +12,54 @@ import json
 import shutil
 import time
 import uuid
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import OmegaConf
 
-from compress import dist, results
+from compress import dist, results, validate
 from compress.artifact import PARTIAL, TRAINING, Artifact, finish, is_done, versions, write_json
 from compress.console import out, say
-from compress.errors import CompressError, Problem
-from compress.lock import holder, run_lock
+from compress.errors import CompressError, Problem, raise_if
 from compress.hub import text_hash
+from compress.lock import holder, run_lock
 from compress.report import write_report
-from compress.stages import evaluate, export, quantize
-from students import distill, prune
-from teachers import finetune
-
-
-@dataclass(frozen=True)
-class Stage:
-    name: str
-    run: Callable[[DictConfig, Artifact, Path], dict]
-    keys: tuple[str, ...]
-    """Config sections whose values the stage depends on: a change in one reruns it."""
-    summary: str
-    """One line for `compress presets`."""
-    reevaluate: Callable[[DictConfig, Artifact, Path], dict] | None = None
-    """Measures the stage's model again; when set, a change of `eval` settings alone re-measures
-    the finished stage instead of redoing its work."""
-
-
-STAGES: dict[str, Stage] = {s.name: s for s in [
-    Stage("evaluate", evaluate.run, ("teacher", "student", "data", "run.seed"),
-          "score teacher and student as they are: accuracy, agreement, perplexity, latency, size, memory",
-          evaluate.run),
-    Stage("finetune_teacher", finetune.run, ("teacher", "data", "finetune", "trainer", "run.seed"),
-          "QLoRA / LoRA / full fine-tuning of the teacher (Lightning); adapter + merged teacher, evaluated",
-          finetune.reevaluate),
-    Stage("distill", distill.run, ("teacher", "student", "data", "distill", "trainer", "run.seed"),
-          "soft-label + pseudo-label distillation into the student (Lightning), evaluated", distill.reevaluate),
-    Stage("prune", prune.run, ("teacher", "student", "data", "prune", "distill", "trainer", "run.seed"),
-          "structured pruning (torch-pruning: MLP units, GQA-aware heads, layers), then recovery distillation; "
-          "evaluated before and after recovery", prune.reevaluate),
-    Stage("quantize", quantize.run, ("student", "data", "quantize", "run.seed"),
-          "GPTQ 4-bit (GPTQModel), evaluated through its kernels; a size win on CPU, speed on GPU; "
-          "passes the unquantized model on", quantize.reevaluate),
-    Stage("export", export.run, ("teacher", "student", "data", "export", "run.seed"),
-          "ONNX export (optimum) checked against PyTorch, int8/int4 CPU variants, evaluated through onnxruntime",
-          export.reevaluate),
-]}
+from compress.stages import ROLES, STAGES, Stage
 
 
 def preflight(cfg) -> None:
-    """Every check that can fail before a stage starts: config, data, and what the stages need."""
+    """Every check that can fail before a stage starts, all problems at once: the shared config, every
+    stage's own section, the pipeline's roles, the data, and what the listed stages need to run here."""
     from compress.data import load_splits
-    from compress.validate import validate
-    from teachers.loading import pick_device
 
-    validate(cfg)
+    problems = validate.problems(cfg)
+    for stage in STAGES.values():
+        problems += stage.check(cfg)
+    problems += role_problems(list(cfg.pipeline.stages))
+    raise_if(problems, "invalid configuration")
     load_splits(cfg.data)
-    if "finetune_teacher" in cfg.pipeline.stages and cfg.teacher.method == "qlora":
-        finetune.check_4bit(pick_device(cfg.teacher.device))
-    if "distill" in cfg.pipeline.stages and cfg.distill.soft_weight > 0 and (cfg.student.path or cfg.student.random):
-        _check_vocabularies(cfg)  # a student of its own: fail now, not after hours of earlier stages
-    if "quantize" in cfg.pipeline.stages:
-        quantize.require_gptqmodel()
-    if "export" in cfg.pipeline.stages:
-        export.preflight(cfg)
+    for name in dict.fromkeys(cfg.pipeline.stages):
+        problems += STAGES[name].preflight(cfg)
+    raise_if(problems, "the pipeline cannot run")
 
 
-def _check_vocabularies(cfg) -> None:
-    from teachers import loading
-
-    t = loading.load_tokenizer(loading.resolve(cfg.teacher, "teacher"), cfg.teacher, "teacher")
-    s = loading.load_tokenizer(loading.resolve(cfg.student, "student"), cfg.student, "student")
-    distill.check_tokenizers(t, s, cfg.distill.soft_weight)
+def role_problems(stages: list[str]) -> list[Problem]:
+    """Walk the pipeline with the roles each stage consumes and produces: a stage that needs a role no
+    earlier stage produced is a problem (named, with the fix)."""
+    unknown = [s for s in stages if s not in STAGES]
+    if unknown or not stages:
+        return [Problem("pipeline.stages", stages, f"unknown or no stages ({', '.join(unknown) or 'empty'}); "
+                        f"stages are: {', '.join(STAGES)}")]
+    problems, have = [], set()
+    for i, name in enumerate(stages):
+        for role in STAGES[name].consumes:
+            if role not in have:
+                producers = [s.name for s in STAGES.values() if role in s.produces and s.name != name]
+                problems.append(Problem("pipeline.stages", stages, f"stage {name} (#{i}) needs {ROLES[role]}, "
+                                        f"and no stage before it produces one (produced by: {', '.join(producers)}); "
+                                        f"start the pipeline with evaluate, e.g. pipeline.stages="
+                                        f"[{', '.join(['evaluate'] + [s for s in stages if s != 'evaluate'])}]"))
+        have |= set(STAGES[name].produces)
+    return problems
 
 
 def run_dir(cfg) -> Path:
@@ -211,10 +183,12 @@ def _run_stage(cfg, stage: Stage, src: Artifact, path: Path, chash: str, identit
     metrics = stage.run(cfg, src, tmp)  # on error the folder stays, to be resumed by the same command
     wall = time.perf_counter() - t0
     metrics["wall_s"] = wall
+    metrics["summary"] = stage.summary  # the report reads the run folder alone
     for record in metrics.get("records", []):  # paths inside the temporary folder move with it
-        if str(record.get("path", "")).startswith(str(tmp)):
+        if str(record.get("path") or "").startswith(str(tmp)):
             record["path"] = str(path) + record["path"][len(str(tmp)):]
-        record.setdefault("stage_wall_s", wall)
+        if record.get("stage_wall_s") is None:
+            record["stage_wall_s"] = wall
     manifest = {"stage": stage.name, "identity": identity, "config_hash": chash, "eval_hash": eval_hash,
                 "input": src.identity,
                 "input_path": str(src.path) if src.path else None, "versions": versions(),

@@ -33,11 +33,10 @@ def _cpu(res: dict) -> str:
 
 
 def label(r: dict) -> str:
-    name, model = r.get("role"), str(r.get("model") or "")
-    if model.startswith(f"{name}-"):  # the variant is in the model's name: student-onnx-int8
-        name = model
-    backend = "" if r.get("backend") in (None, "torch") else f" [{r['backend']}]"
-    return f"{r.get('stage')}: {name}{backend}"
+    """`stage: model (variant)`: the name the user gave, and the form measured (the backend is in the variant
+    or the marker)."""
+    variant = f" ({r['variant']})" if r.get("variant") else ""
+    return f"{r.get('stage')}: {r.get('model')}{variant}"
 
 
 # --------------------------------------------------------------------------- the picture
@@ -88,7 +87,7 @@ def _panel(ax, records: list[dict], key: str, xlabel: str, better) -> None:
     pts = [r for r in records if r.get(key)]
     for r in pts:
         ax.scatter(r[key], r["retention"], s=70, marker=MARKERS.get(r.get("backend"), "o"),
-                   color=COLORS.get(str(r.get("role")).split("-")[0], "tab:gray"), edgecolor="black", zorder=3)
+                   color=COLORS.get(r.get("role"), "tab:gray"), edgecolor="black", zorder=3)
     ax.axhline(1.0, color="gray", linewidth=0.8, linestyle=":")
     ax.set_xscale("log")
     plain = FuncFormatter(lambda v, _: f"{v:g}")
@@ -183,7 +182,8 @@ def _reference_line(header: dict) -> str:
         return "No teacher was measured: retention and speed-up are not defined."
     parts = []
     if ref:
-        parts.append(f"retention = accuracy / the reference teacher `{ref['model']}` of stage `{ref['stage']}` "
+        variant = f" ({ref['variant']})" if ref.get("variant") else ""
+        parts.append(f"retention = accuracy / the reference teacher `{ref['model']}`{variant} of stage `{ref['stage']}` "
                      f"(accuracy {_fmt(ref.get('accuracy'), '{:.3f}')})")
     if base:
         parts.append(f"retention_base = accuracy / the base teacher's ({_fmt(base.get('accuracy'), '{:.3f}')}); "
@@ -210,8 +210,6 @@ def _plain(v) -> str:
 
 def stage_lines(run_dir: Path) -> list[str]:
     """One line per finished stage folder: what the stage does, its wall time, its own metrics."""
-    from compress.pipeline import STAGES
-
     lines = []
     for d in sorted(p for p in run_dir.iterdir() if p.is_dir() and p.name[:2].isdigit() and "_" in p.name):
         name = d.name.split("_", 1)[1]
@@ -219,9 +217,10 @@ def stage_lines(run_dir: Path) -> list[str]:
             lines.append(f"- `{d.name}`: not finished")
             continue
         metrics = json.loads((d / "metrics.json").read_text())
-        summary = STAGES[name].summary if name in STAGES else "(stage not in this version's table)"
-        extra = [f"{k} {_plain(v)}" for k, v in metrics.items()
-                 if k not in ("records", "reference", "wall_s") and v is not None and not isinstance(v, list)]
+        summary = metrics.get("summary", f"stage {name}")
+        extra = [f"{k} {_plain(v)}" for k, v in metrics.items() if k not in ("records", "reference", "roles", "wall_s",
+                                                                             "summary")
+                 and v is not None and not isinstance(v, list)]
         wall = metrics.get("wall_s")
         lines.append(f"- `{d.name}` ({_fmt(wall, '{:.0f}')} s): {summary}." + (f" {'; '.join(extra)}." if extra else ""))
     return lines

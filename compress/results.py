@@ -1,10 +1,11 @@
 """`<run>/results.json` and `results.csv`: one record per stage, model and backend, rebuilt
 from the stage folders.
 
-Collecting puts every record on the same footing: `retention` is accuracy over the run's
-*reference teacher* (the last teacher measured: the fine-tuned one when the pipeline
-fine-tunes), `retention_base` over the base teacher of the `evaluate` stage, and
-`speedup` is decode tokens/s over that base (fp32 on CPU) teacher's, measured in the same run.
+Collecting puts every record on the same footing (`compress.records.relate`, the one place derived
+figures are computed): `retention` is accuracy over the run's *reference teacher* (the last teacher
+measured: the fine-tuned one when the pipeline fine-tunes), `retention_base` over the base teacher
+of the `evaluate` stage, and `speedup` is decode tokens/s over that base (fp32 on CPU) teacher's,
+measured in the same run.
 """
 from __future__ import annotations
 
@@ -19,22 +20,24 @@ import torch
 from rich.table import Table
 
 from compress.artifact import Artifact, versions, write_json
+from compress.records import Record, relate
 
 COLUMNS = [  # (record key, header, format)
-    ("stage", "stage", "{}"), ("role", "model", "{}"), ("backend", "backend", "{}"),
+    ("stage", "stage", "{}"), ("role", "model", "{}"), ("variant", "form", "{}"), ("backend", "backend", "{}"),
     ("accuracy", "acc", "{:.3f}"), ("retention", "retention", "{:.3f}"), ("retention_base", "ret. base", "{:.3f}"), ("agreement", "agree", "{:.3f}"),
     ("perplexity", "ppl", "{:.4g}"), ("prefill_ms", "prefill ms", "{:.1f}"), ("decode_tok_s", "decode tok/s", "{:.1f}"),
     ("speedup", "speed up", "{:.2f}x"), ("size_mb", "size MB", "{:.1f}"), ("params", "params M", "{:.2f}"),
     ("peak_mem_mb", "peak MB", "{:.0f}"), ("stage_wall_s", "stage s", "{:.0f}"),
 ]
-CSV_FIELDS = ["stage", "role", "model", "backend", "accuracy", "retention", "retention_base", "agreement",
+CSV_FIELDS = ["stage", "role", "model", "variant", "output", "backend", "accuracy", "retention", "retention_base", "agreement",
               "perplexity", "prefill_ms", "decode_tok_s", "speedup", "size_mb", "params", "peak_mem_mb",
               "stage_wall_s", "path"]
 
 
 def hardware() -> dict:
     info = {"machine": platform.machine(), "cpu": platform.processor() or platform.machine(),
-            "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(), "gpu": None}
+            "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(), "gpu": None,
+            "load_average": os.getloadavg()}  # 1, 5, 15 min: speed figures from a busy machine mislead
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
@@ -55,30 +58,13 @@ def collect(stage_dirs: list[Path]) -> dict:
         if (d / "DONE").exists():
             metrics = Artifact.load(d).metrics()
             for r in metrics.get("records", []):
-                records.append({**r, "stage_wall_s": r.get("stage_wall_s", metrics.get("wall_s"))})
+                record = Record.from_dict(r)
+                if record.stage_wall_s is None:
+                    record.stage_wall_s = metrics.get("wall_s")
+                records.append(record)
     header = {"created": time.strftime("%Y-%m-%dT%H:%M:%S"), "hardware": hardware(), "versions": versions(),
               **relate(records)}
-    return {"header": header, "records": records}
-
-
-def relate(records: list[dict]) -> dict:
-    """Set retention, retention_base and speedup of every record in place; return the references."""
-    teachers = [r for r in records if r.get("role") == "teacher"]
-    base = next((r for r in teachers if r.get("stage") == "evaluate"), teachers[0] if teachers else None)
-    ref = next((r for r in reversed(teachers) if r.get("accuracy") is not None), None)
-    for r in records:
-        if ref is not None:
-            r["retention"] = _ratio(r.get("accuracy"), ref.get("accuracy"))
-        if base is not None:
-            r["retention_base"] = _ratio(r.get("accuracy"), base.get("accuracy"))
-            r["speedup"] = _ratio(r.get("decode_tok_s"), base.get("decode_tok_s"))
-    name = lambda r: None if r is None else {k: r.get(k) for k in ("stage", "model", "backend", "accuracy",
-                                                                   "decode_tok_s")}  # noqa: E731
-    return {"reference": name(ref), "base_teacher": name(base)}
-
-
-def _ratio(a, b):
-    return a / b if a is not None and b else None
+    return {"header": header, "records": [r.to_dict() for r in records]}
 
 
 def write(run_dir: Path, results: dict) -> Path:
@@ -127,6 +113,8 @@ def cells(record: dict) -> list[str]:
         v = record.get(key)
         if key == "role":
             v = f"{record.get('role')}:{record.get('model')}"
+        if key == "variant" and not v:
+            v = None
         if key == "params" and v is not None:
             v = v / 1e6
         out.append("-" if v is None else fmt.format(v))
@@ -136,7 +124,7 @@ def cells(record: dict) -> list[str]:
 def table(records: list[dict], title: str = "results") -> Table:
     t = Table(title=title)
     for _, header, _ in COLUMNS:
-        text = header in ("stage", "model", "backend")
+        text = header in ("stage", "model", "form", "backend")
         t.add_column(header, justify="left" if text else "right", overflow="fold", no_wrap=text)
     for r in records:
         t.add_row(*cells(r))

@@ -1,4 +1,4 @@
-"""Stage `distill`: a student learns from the (fine-tuned) teacher in a Lightning module.
+"""Distillation: a student learns from a frozen teacher in a Lightning module.
 
 loss = soft_weight * KD_T(student, teacher) + pseudo_weight * CE(teacher's answers)
      + hard_weight * CE(gold answers)
@@ -7,27 +7,21 @@ The teacher is frozen and in eval mode, and is not a submodule of the LightningM
 it gets no gradients, no optimizer state and no place in checkpoints. Its logits come on
 the fly, or with `distill.topk_cache=K` from a top-K cache computed once into the artifact.
 Pseudo-labels for the `unlabeled` split are the teacher's most likely verbalizer (label
-tasks) or its greedy continuation (text); they are saved as `pseudo_labels.jsonl`.
+tasks) or its greedy continuation (text).
 """
 from __future__ import annotations
 
-import json
-import shutil
 from pathlib import Path
 
 import lightning as L
 import torch
 
 from compress import training
-from compress.artifact import Artifact
-from compress.console import progress, say
-from compress.data import Example, Splits, load_splits
+from compress.console import progress
+from compress.data import Example, Splits
 from compress.errors import CompressError, Problem
 from compress.evaluate import score_accuracy, torch_logits_fn
-from compress.hub import text_hash
-from students import build as student_build
 from students import losses
-from teachers import loading
 
 DIVERGENCES = {"forward_kl": losses.forward_kl, "reverse_kl": losses.reverse_kl, "jsd": losses.generalized_jsd}
 
@@ -162,37 +156,7 @@ def layer_map(student_config, teacher_config, hidden_weight: float) -> list[int]
 # --------------------------------------------------------------------------- pseudo-labels
 
 
-def pseudo_labels(teacher, tok, teacher_dir: Path, splits, cfg, out: Path) -> list[str]:
-    """The teacher's answers for the `unlabeled` split, written to `out/pseudo_labels.jsonl`.
-
-    A copy is kept in the run's `cache/` folder, keyed by the teacher folder, the texts, the
-    verbalizers and the precision, so a rerun of this stage (other weights, temperature, steps)
-    reuses them. The teacher runs in the precision distillation trains in: under bf16 autocast on
-    a bf16 CPU it labels 1.75x faster, and 99.1% of its labels equal fp32's (800 reviews, SmolLM2).
-    """
-    bf16 = training.precision(cfg.trainer, cpu_bf16=True).startswith("bf16")
-    key = text_hash(json.dumps([loading.folder_fingerprint(teacher_dir), [e.text for e in splits.unlabeled],
-                                splits.verbalizers, cfg.distill.pseudo_max_new_tokens, bf16]))[:16]
-    cached = out.parent / "cache" / f"pseudo_labels-{key}.jsonl"
-    if cached.exists():
-        if not (out / "pseudo_labels.jsonl").exists():  # a resumed stage (or another rank) has it already
-            shutil.copy2(cached, out / "pseudo_labels.jsonl")
-        rows = [json.loads(line) for line in cached.read_text().splitlines()]
-        say(f"  pseudo-labels: reused {len(rows)} from {cached}")
-        return [r["answer"] for r in rows]
-    texts = [e.text for e in splits.unlabeled]
-    device = next(teacher.parameters()).device.type
-    with torch.autocast(device, dtype=torch.bfloat16, enabled=bf16):
-        answers = _teacher_answers(teacher, tok, texts, splits, cfg)
-    with open(out / "pseudo_labels.jsonl", "w") as f:
-        for t, a in zip(texts, answers):
-            f.write(json.dumps({"text": t, "answer": a}) + "\n")
-    cached.parent.mkdir(exist_ok=True)
-    shutil.copy2(out / "pseudo_labels.jsonl", cached)
-    return answers
-
-
-def _teacher_answers(teacher, tok, texts: list[str], splits, cfg) -> list[str]:
+def teacher_answers(teacher, tok, texts: list[str], splits, cfg) -> list[str]:
     """Label tasks: the most likely verbalizer of each text; text tasks: the greedy continuation."""
     if splits.verbalizers:
         first = next(iter(splits.verbalizers))  # labels are hidden: any label will do, accuracy is not read
@@ -213,6 +177,7 @@ def generate(teacher, tok, texts: list[str], max_new_tokens: int) -> list[str]:
         task = bar.add_task("teacher: pseudo-labels (greedy)", total=len(texts))
         for i in range(0, len(texts), 8):
             enc = tok(texts[i: i + 8], return_tensors="pt", padding=True).to(device)
+            enc.pop("token_type_ids", None)  # some tokenizers return it; generate() of a causal LM rejects it
             gen = teacher.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
                                    pad_token_id=tok.pad_token_id)
             answers += tok.batch_decode(gen[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
@@ -254,79 +219,3 @@ def build_topk_cache(teacher, items: list[dict], k: int, temperature: float, bat
 def topk_bytes_per_token(k: int) -> int:
     """fp16 value + int32 index per kept token, plus one fp32 tail mass."""
     return k * (2 + 4) + 4
-
-
-# --------------------------------------------------------------------------- stage
-
-
-def run(cfg, src: Artifact, out: Path) -> dict:
-    from compress.stages.evaluate import evaluate_new_student
-
-    L.seed_everything(cfg.run.seed, workers=True)
-    d = cfg.distill
-    splits = load_splits(cfg.data)
-    teacher_dir = Path(src.reference()["teacher"])
-    teacher, t_tok = loading.load(teacher_dir, cfg.teacher, "teacher")
-    init = out / "student_init" if cfg.student.from_teacher and not cfg.student.path else None
-    student_dir = student_build.resolve(cfg.student, teacher_dir, dest=init)
-    student, s_tok = loading.load(student_dir, cfg.student, "student")
-    check_tokenizers(t_tok, s_tok, d.soft_weight)
-    answers = pseudo_labels(teacher, t_tok, teacher_dir, splits, cfg, out)
-
-    texts, targets, kinds = [], [], []
-    if d.hard_weight > 0:
-        texts += [e.text for e in splits.train]
-        targets += [splits.verbalizers[e.label] for e in splits.train]
-        kinds += [0] * len(splits.train)
-    if d.pseudo_weight > 0 or d.soft_weight > 0:
-        texts += [e.text for e in splits.unlabeled]
-        targets += answers
-        kinds += [1] * len(splits.unlabeled)
-    if not texts:
-        raise CompressError(Problem("data.unlabeled_size", cfg.data.unlabeled_size, "distill has no examples to "
-                                    "train on: raise data.unlabeled_size (or data.train_size with hard_weight > 0)"))
-    items = training.encode_examples(s_tok, cfg.data, texts, targets, d.max_length, kinds)
-    for i, it in enumerate(items):
-        it["index"] = i
-    n_val = min(d.val_size, len(items) // 5) if d.val_every > 0 else 0
-    topk = None
-    if d.topk_cache > 0 and d.soft_weight > 0 and (out / "teacher_topk.safetensors").exists():  # resumed
-        from safetensors.torch import load_file
-
-        topk, teacher = load_file(out / "teacher_topk.safetensors"), None
-    elif d.topk_cache > 0 and d.soft_weight > 0:
-        topk = build_topk_cache(teacher, items, d.topk_cache, d.temperature, cfg.eval.batch_size,
-                                s_tok.pad_token_id, out)
-        teacher = None  # training reads the cache only
-    student.config.use_cache = False
-    if d.freeze_embeddings:
-        student.get_input_embeddings().weight.requires_grad_(False)
-    module = DistillModule(student.train(), teacher, d, topk)
-    # bf16 autocast on a CPU with AMX / AVX512-BF16: 1.7x faster steps, same accuracy (README, measured)
-    trainer = training.make_trainer(cfg.trainer, d, out, has_val=n_val > 0, cpu_bf16=True)
-    n_all = sum(p.numel() for p in student.parameters()) / 1e6
-    n_trained = sum(p.numel() for p in student.parameters() if p.requires_grad) / 1e6
-    say(f"  distilling into {cfg.student.name} ({n_all:.1f} M params, {n_trained:.1f} M trained) for "
-        f"{d.max_steps} steps on {len(items) - n_val} examples")
-    trainer.fit(module, training.step_loader(items[n_val:], d.batch_size, s_tok.pad_token_id, cfg.run.seed, trainer),
-                training.loader(items[:n_val], d.batch_size, s_tok.pad_token_id, False) if n_val else None,
-                ckpt_path=training.last_checkpoint(out))
-    if not trainer.is_global_zero:  # other ranks only train; rank 0 writes the artifact
-        return {}
-    student.config.use_cache = True
-    student.save_pretrained(out / "model", safe_serialization=True)
-    s_tok.save_pretrained(out / "model")
-    if init is not None:
-        shutil.rmtree(init, ignore_errors=True)
-    del teacher, student, module, trainer
-    metrics = evaluate_new_student(cfg, src, out, splits, "distill")
-    metrics.update(pseudo_labels=len(answers), train_items=len(items) - n_val,
-                   topk_bytes_per_token=topk_bytes_per_token(d.topk_cache) if topk is not None else None)
-    return metrics
-
-
-def reevaluate(cfg, src: Artifact, path: Path) -> dict:
-    """Measure the finished stage's student again (the evaluation settings changed)."""
-    from compress.stages.evaluate import evaluate_new_student
-
-    return evaluate_new_student(cfg, src, path, load_splits(cfg.data), "distill")

@@ -1,4 +1,4 @@
-"""Stage `prune`: structured pruning of the student (torch-pruning), then recovery distillation.
+"""Structured pruning (torch-pruning): MLP hidden units, GQA-aware attention heads, whole layers.
 
 What is removed, the same amount in every layer, so that the model's config describes the new
 shapes and `save_pretrained` / `from_pretrained` round-trip:
@@ -9,40 +9,19 @@ shapes and `save_pretrained` / `from_pretrained` round-trip:
 - whole decoder layers (`prune.drop_layers`).
 Importance is first-order Taylor, |w * dL/dw| summed over a unit's weights with the gradients of the
 language-model loss on calibration batches of the train split, or the weights' magnitude.
-
-Pruning alone collapses accuracy, so a short distillation from the reference teacher follows (the
-`distill` stage's own code, run on the pruned model). Two records: `student-pruned` (before
-recovery, `pruned/`) and `student-recovered` (after, `model/`, what the next stage reads).
-
-The input model is the input artifact's `model/` (the distilled student). When the input stage made
-no model (`pipeline=compress_only`: evaluate -> prune), it is the configured `student`.
 """
 from __future__ import annotations
 
-import shutil
 import warnings
-from pathlib import Path
 
 import torch
-from omegaconf import OmegaConf
 
 from compress import training
-from compress.artifact import Artifact
 from compress.console import say
-from compress.data import load_splits
 from compress.errors import CompressError, Problem, raise_if
-from students import build as student_build
-from teachers import loading
 
 HEADS = ("none", "query", "kv_groups")
 IMPORTANCE = ("taylor", "magnitude")
-
-
-def input_model(cfg, src: Artifact) -> Path:
-    """The model this stage compresses: the input's `model/`, else the configured student."""
-    if src.model_dir is not None:
-        return src.model_dir
-    return student_build.resolve(cfg.student, Path(src.reference()["teacher"]))
 
 
 # --------------------------------------------------------------------------- checks
@@ -217,67 +196,3 @@ def prune(model, tok, cfg, splits) -> dict:
     model.zero_grad(set_to_none=True)
     after = {k: getattr(c, k) for k in before}
     return {"before": before, "after": after}
-
-
-# --------------------------------------------------------------------------- stage
-
-
-def _recovery_config(cfg, pruned: Path):
-    """The `distill` stage's config, pointed at the pruned model, with the recovery schedule."""
-    rcfg = OmegaConf.merge(cfg, {"student": {"path": str(pruned), "from_teacher": False, "random": None,
-                                             "hub_id": None, "gguf_package": None},
-                                 "distill": {"max_steps": cfg.prune.recovery_steps, "lr": cfg.prune.recovery_lr,
-                                             "warmup_steps": min(cfg.distill.warmup_steps,
-                                                                 cfg.prune.recovery_steps // 10),
-                                             "val_every": 0}})
-    return rcfg
-
-
-def _measure(cfg, src: Artifact, folder: Path, role: str, splits) -> dict:
-    from compress.stages.evaluate import _record, evaluate_folder
-
-    ref = src.reference()
-    measured = evaluate_folder(folder, cfg.student, role, splits, cfg, ref.get("predictions"))
-    measured.pop("predictions", None)
-    return _record("prune", role, cfg.student.name, folder, measured, ref)
-
-
-def run(cfg, src: Artifact, out: Path) -> dict:
-    from compress.stages.evaluate import carry_reference
-    from students import distill
-
-    torch.manual_seed(cfg.run.seed)
-    splits = load_splits(cfg.data)
-    source = input_model(cfg, src)
-    model, tok = loading.load(source, cfg.student, "student")
-    model.float()  # gradients and pruning in fp32
-    check(model, cfg.prune)
-    params_before = sum(p.numel() for p in model.parameters())
-    say(f"  pruning {source} ({params_before / 1e6:.1f} M params, {cfg.prune.importance} importance)")
-    shapes = prune(model, tok, cfg, splits)
-    params_after = sum(p.numel() for p in model.parameters())
-    say(f"  {shapes['before']} -> {shapes['after']}: {params_after / 1e6:.1f} M params")
-    pruned = out / "pruned"
-    model.save_pretrained(pruned, safe_serialization=True)
-    tok.save_pretrained(pruned)
-    del model
-    records = [_measure(cfg, src, pruned, "student-pruned", splits)]
-    if cfg.prune.recovery_steps > 0:
-        say(f"  recovery: distilling the reference teacher into the pruned student for "
-            f"{cfg.prune.recovery_steps} steps")
-        rec = distill.run(_recovery_config(cfg, pruned), src, out)
-        for r in rec["records"]:
-            r.update(stage="prune", role="student-recovered", model=cfg.student.name)
-        records += rec["records"]
-    else:
-        shutil.copytree(pruned, out / "model")
-        records.append({**records[0], "role": "student-recovered", "path": str(out / "model")})
-    return {"records": records, "reference": carry_reference(src, out), "input_model": str(source),
-            "shapes": shapes, "params_before": params_before, "params_after": params_after}
-
-
-def reevaluate(cfg, src: Artifact, path: Path) -> dict:
-    """Measure the pruned and the recovered student again (the evaluation settings changed)."""
-    splits = load_splits(cfg.data)
-    return {"records": [_measure(cfg, src, path / "pruned", "student-pruned", splits),
-                        _measure(cfg, src, path / "model", "student-recovered", splits)]}

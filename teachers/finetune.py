@@ -1,4 +1,4 @@
-"""Stage `finetune_teacher`: QLoRA (or LoRA, or full) fine-tuning of the teacher in Lightning.
+"""Teacher fine-tuning: QLoRA (or LoRA, or full) in a Lightning module; merging the adapter.
 
 QLoRA: the base loads in 4-bit NF4 with double quantization (bitsandbytes), is prepared
 with `prepare_model_for_kbit_training`, and trains LoRA adapters (peft) on every linear
@@ -16,9 +16,6 @@ import lightning as L
 import torch
 
 from compress import training
-from compress.artifact import Artifact
-from compress.console import say
-from compress.data import load_splits
 from compress.errors import CompressError, Problem
 from teachers import loading
 
@@ -95,7 +92,7 @@ def check_4bit(device: torch.device) -> None:
 
             F.quantize_4bit(torch.randn(64, 64, device=device), quant_type="nf4")
         except Exception as e:  # missing library, no kernel for this device, ...
-            why = f"bitsandbytes cannot quantize to 4-bit on {device.type} ({loading._first_line(e)})"
+            why = f"bitsandbytes cannot quantize to 4-bit on {device.type} ({loading.first_line(e)})"
     if why:
         raise CompressError(Problem("teacher.method", "qlora", f"{why}; use teacher.method=lora (LoRA on the "
                                     "full-precision base) or teacher.method=full"))
@@ -182,47 +179,3 @@ def merged_teacher(folder: Path, adapter: Path, cfg, dest: Path) -> None:
         del merged.config.quantization_config
     merged.config.use_cache = True
     merged.save_pretrained(dest, safe_serialization=True)
-
-
-# --------------------------------------------------------------------------- stage
-
-
-def run(cfg, src: Artifact, out: Path) -> dict:
-    from compress.stages.evaluate import evaluate_new_teacher
-
-    L.seed_everything(cfg.run.seed, workers=True)
-    splits = load_splits(cfg.data)
-    if not splits.verbalizers:
-        raise CompressError(Problem("data", cfg.data.name, "finetune_teacher needs labelled data; "
-                                    "data=text has no labels: use pipeline=evaluate"))
-    base_dir = loading.resolve(cfg.teacher, "teacher")
-    model, tok = trainable_model(base_dir, cfg.teacher)
-    ocfg = cfg.finetune
-    n_val = ocfg.val_size if ocfg.val_every > 0 else 0
-    answers = [splits.verbalizers[e.label] for e in splits.train]
-    items = training.encode_examples(tok, cfg.data, [e.text for e in splits.train], answers, ocfg.max_length)
-    train_items, val_items = items[n_val:], items[:n_val]
-    trainer = training.make_trainer(cfg.trainer, ocfg, out, has_val=bool(val_items))
-    say(f"  fine-tuning {cfg.teacher.name} with {cfg.teacher.method} for {ocfg.max_steps} steps "
-        f"({len(train_items)} train examples)")
-    module = FinetuneModule(model, ocfg)
-    trainer.fit(module, training.step_loader(train_items, ocfg.batch_size, tok.pad_token_id, cfg.run.seed, trainer),
-                training.loader(val_items, ocfg.batch_size, tok.pad_token_id, False) if val_items else None,
-                ckpt_path=training.last_checkpoint(out))
-    if not trainer.is_global_zero:  # other ranks only train; rank 0 writes the artifact
-        return {}
-    if cfg.teacher.method == "full":
-        model.save_pretrained(out / "model", safe_serialization=True)
-    else:
-        model.save_pretrained(out / "adapter")
-        merged_teacher(base_dir, out / "adapter", cfg.teacher, out / "model")
-    tok.save_pretrained(out / "model")
-    del model, module, trainer
-    return evaluate_new_teacher(cfg, src, out, splits, "finetune_teacher")
-
-
-def reevaluate(cfg, src: Artifact, path: Path) -> dict:
-    """Measure the finished stage's merged teacher again (the evaluation settings changed)."""
-    from compress.stages.evaluate import evaluate_new_teacher
-
-    return evaluate_new_teacher(cfg, src, path, load_splits(cfg.data), "finetune_teacher")

@@ -129,7 +129,7 @@ def convert_gguf(gguf: Path, key: str) -> Path:
             model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
             tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         except Exception as e:
-            raise CompressError(Problem(key, str(gguf), f"cannot read this GGUF file ({_first_line(e)}); "
+            raise CompressError(Problem(key, str(gguf), f"cannot read this GGUF file ({first_line(e)}); "
                                         "it may be truncated or of an unsupported architecture")) from None
         eos = tok.convert_ids_to_tokens(model.config.eos_token_id)
         if isinstance(eos, str):  # GGUF metadata may name the wrong end token; the model config wins
@@ -200,7 +200,7 @@ def load(folder: Path, cfg, role: str):
     except CompressError:
         raise
     except Exception as e:
-        raise CompressError(Problem(f"{role}.path", str(folder), f"cannot load the model ({_first_line(e)}); "
+        raise CompressError(Problem(f"{role}.path", str(folder), f"cannot load the model ({first_line(e)}); "
                                     "a weights file may be truncated or corrupt: re-download or rebuild it")) from None
     return model.to(device).eval(), load_tokenizer(folder, cfg, role)
 
@@ -211,7 +211,7 @@ def load_tokenizer(folder: Path, cfg, role: str):
     try:
         tok = AutoTokenizer.from_pretrained(folder, trust_remote_code=cfg.trust_remote_code)
     except Exception as e:
-        raise CompressError(Problem(f"{role}.path", str(folder), f"cannot load the tokenizer ({_first_line(e)})")) from None
+        raise CompressError(Problem(f"{role}.path", str(folder), f"cannot load the tokenizer ({first_line(e)})")) from None
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token if tok.eos_token is not None else tok.unk_token
     tok.padding_side = "right"
@@ -239,6 +239,6 @@ def _patch_json(path: Path, **values) -> None:
     path.write_text(json.dumps(data, indent=2, ensure_ascii=False))
 
 
-def _first_line(e: BaseException) -> str:
+def first_line(e: BaseException) -> str:
     text = str(e).strip().splitlines()
     return f"{type(e).__name__}: {text[0]}" if text else type(e).__name__

@@ -4,6 +4,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from conftest import ROOT, TINY
@@ -55,5 +56,9 @@ def test_pipeline_tradeoff_and_baselines_on_tiny_models(tmp_path):
     assert proc.returncode == 0, proc.stderr
     rows = {r["variant"]: r for r in json.loads(out.read_text())["rows"]}
     assert {"teacher fp32", "student fp32", "student bf16", "student int8 dynamic"} <= set(rows)
-    assert rows["student fp32"]["speed_vs_student_fp32"] == 1.0 and "accuracy" in rows["student int8 dynamic"]
+    t, st = rows["teacher fp32"], rows["student fp32"]
+    assert t["speed_vs_student_fp32"] == pytest.approx(t["decode_tok_s"] / st["decode_tok_s"])
+    assert "accuracy" in rows["student int8 dynamic"]
+    student = json.loads((run / "00_evaluate" / "metrics.json").read_text())["roles"]["student"]["path"]
+    assert json.loads(out.read_text())["student"] == str((run / "00_evaluate" / student).resolve())  # by role
     assert "onnxruntime cannot open" in rows["student onnx 09_export/model"]["skipped"]

@@ -29,7 +29,8 @@ def test_export_writes_three_onnx_models_evaluated_through_onnxruntime(exported)
     for name in ("onnx", "onnx-int8", "onnx-int4"):
         assert {"model.onnx", "tokenizer.json", "config.json", "README.md"} <= {p.name for p in (stage / name).iterdir()}
     records = [r for r in json.loads((run / "results.json").read_text())["records"] if r["stage"] == "export"]
-    assert [r["model"] for r in records] == ["student-onnx-fp32", "student-onnx-int8", "student-onnx-int4"]
+    assert [r["variant"] for r in records] == ["onnx-fp32", "onnx-int8", "onnx-int4"]
+    assert {r["model"] for r in records} == {"tiny-random"}  # the name the user gave the student
     for r in records:
         assert r["backend"] == "onnxruntime"
         for field in FIELDS:
@@ -60,7 +61,7 @@ def test_onnx_accuracy_matches_pytorch_on_the_same_model(exported):
     run, _ = exported
     records = json.loads((run / "results.json").read_text())["records"]
     torch_student = next(r for r in records if r["stage"] == "evaluate" and r["role"] == "student")
-    onnx_fp32 = next(r for r in records if r["model"] == "student-onnx-fp32")
+    onnx_fp32 = next(r for r in records if r["variant"] == "onnx-fp32")
     assert onnx_fp32["accuracy"] == torch_student["accuracy"]
     assert onnx_fp32["perplexity"] == pytest.approx(torch_student["perplexity"], rel=1e-4)
 
@@ -104,7 +105,7 @@ def test_distilled_student_is_exported(tmp_path):
     assert proc.returncode == 0, proc.stderr
     metrics = json.loads((tmp_path / "D" / "02_export" / "metrics.json").read_text())
     assert metrics["source"] == str(tmp_path / "D" / "01_distill" / "model")
-    assert [r["model"] for r in metrics["records"]] == ["student-onnx-fp32"]
+    assert [r["variant"] for r in metrics["records"]] == ["onnx-fp32"]
 
 
 def test_parity_failure_exits_2_with_the_figures(exported):
@@ -160,11 +161,11 @@ def test_real_student_export_parity_and_int8(tmp_path):
     # Untrained, the cut student's next-token distribution is nearly flat (perplexity in the
     # millions), so int8 noise flips many top-1 picks (0.58 measured); a trained model keeps more.
     assert parity["int8"]["top1"] >= 0.4
-    records = {r["model"]: r for r in json.loads((tmp_path / "R" / "results.json").read_text())["records"]}
+    records = {r["variant"] or r["model"]: r for r in json.loads((tmp_path / "R" / "results.json").read_text())["records"]}
     for r in records.values():
         print({k: r.get(k) for k in ("model", "backend", "accuracy", "prefill_ms", "decode_tok_s", "size_mb",
                                      "decode_vs_torch", "parity_top1", "stage_wall_s")})
-    fp32, int8 = records["student-onnx-fp32"], records["student-onnx-int8"]
+    fp32, int8 = records["onnx-fp32"], records["onnx-int8"]
     assert int8["size_mb"] < 0.85 * fp32["size_mb"]  # 195 vs 243 MB: embedding fp32 + an int8 head copy
     assert fp32["accuracy"] == records["smollm2-slim"]["accuracy"]
     assert int8["decode_tok_s"] > 0

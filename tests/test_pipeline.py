@@ -53,7 +53,7 @@ def test_changed_eval_setting_remeasures(first_run):
     after = json.loads((run / "00_evaluate" / "manifest.json").read_text())
     assert after["eval_hash"] != before["eval_hash"]
     records = json.loads((run / "results.json").read_text())["records"]
-    assert "accuracy" not in records[0]  # measured again, with accuracy now off
+    assert records[0]["accuracy"] is None  # measured again, with accuracy now off
     proc = cli("run", *TINY, "pipeline=evaluate", f"run.root={run.parent}", "run.name=N")  # back: measured again
     assert "re-measuring" in proc.stderr and "accuracy" in json.loads((run / "results.json").read_text())["records"][0]
 

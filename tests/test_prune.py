@@ -97,16 +97,17 @@ def test_prune_stage_records_before_and_after_recovery(prune_run):
     stage = run / "01_prune"
     assert {"model", "pruned", "logs", "pseudo_labels.jsonl", "metrics.json", "DONE"} <= {p.name for p in stage.iterdir()}
     records = json.loads((run / "results.json").read_text())["records"]
-    assert [(r["stage"], r["role"]) for r in records] == [("evaluate", "teacher"), ("evaluate", "student"),
-                                                          ("prune", "student-pruned"), ("prune", "student-recovered")]
+    assert [(r["stage"], r["role"], r["variant"], r["output"]) for r in records] == [
+        ("evaluate", "teacher", "base", True), ("evaluate", "student", "", True), ("prune", "student", "pruned", False),
+        ("prune", "student", "recovered", True)]
     for r in records[2:]:
         assert 0 <= r["accuracy"] <= 1 and r["perplexity"] > 0 and r["retention"] >= 0
     assert records[2]["params"] < records[1]["params"] and records[3]["params"] == records[2]["params"]
     config = json.loads((stage / "model" / "config.json").read_text())
     assert config["intermediate_size"] == 64  # tiny-random student: 128 -> 64
     metrics = json.loads((stage / "metrics.json").read_text())
-    assert "random" in metrics["input_model"]  # the configured student: the input (evaluate) has no model/
-    assert "student-pruned" in proc.stdout and "student-recover" in proc.stdout  # both rows in the table
+    assert "random" in metrics["input_model"]  # the configured student: evaluate's student role
+    assert "pruned" in proc.stdout and "recovered" in proc.stdout  # both rows in the table
 
 
 @pytest.mark.parametrize("overrides, needles", [

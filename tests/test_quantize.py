@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from conftest import RT_CSV, TINY, cli
+from conftest import ROOT, RT_CSV, TINY, cli
 
-QUICK = [*TINY, "prune=quick", "distill=quick", "quantize=quick", "pipeline=compress_only"]
+QUICK = [*TINY, "prune=quick", "distill=quick", "quantize=quick", "pipeline.stages=[evaluate,distill,prune,quantize,export]"]
 
 
 def test_group_size_must_divide_every_input_width():
@@ -40,6 +40,7 @@ def test_link_model_twice_resumes(tmp_path):
 
 def test_missing_gptqmodel_names_the_install_command(monkeypatch):
     import importlib.util
+    import tomllib
 
     from compress.errors import CompressError
     from compress.stages import quantize
@@ -48,7 +49,8 @@ def test_missing_gptqmodel_names_the_install_command(monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "gptqmodel" else real(name, *a))
     with pytest.raises(CompressError) as e:
         quantize.require_gptqmodel()
-    assert quantize.INSTALL in str(e.value) and "pip install --no-build-isolation gptqmodel==5.6.12" in str(e.value)
+    pins = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]["gptq"]
+    assert "pip install --no-build-isolation " + " ".join(pins) in str(e.value)  # the pins of pyproject.toml
 
 
 @pytest.fixture(scope="module")
@@ -59,22 +61,29 @@ def gptq_run(tmp_path_factory):
     return home / "runs" / "Q", proc
 
 
-def test_compress_only_prunes_and_quantizes_the_configured_student(gptq_run):
+def test_distill_prune_quantize_export_hand_the_student_on(gptq_run):
     run, proc = gptq_run
     records = json.loads((run / "results.json").read_text())["records"]
-    assert [r["role"] for r in records][:5] == ["teacher", "student", "student-pruned", "student-recovered",
-                                                "student-gptq"]
-    assert [r["stage"] for r in records[5:]] == ["export"] * len(records[5:]) and len(records) > 5
-    gptq = records[4]
+    assert [(r["stage"], r["role"], r["variant"], r["output"]) for r in records][:6] == [
+        ("evaluate", "teacher", "base", True), ("evaluate", "student", "", True), ("distill", "student", "", True),
+        ("prune", "student", "pruned", False), ("prune", "student", "recovered", True),
+        ("quantize", "student", "gptq", True)]
+    assert [r["stage"] for r in records[6:]] == ["export"] * len(records[6:]) and len(records) > 6
+    roles = {d.name: json.loads((d / "metrics.json").read_text())["roles"] for d in sorted(run.glob("0*"))}
+    assert roles["02_prune"]["student"]["path"] == "model" and roles["04_export"]["student"]["path"] == \
+        "../03_quantize/model"  # export hands on the (unquantized) student it exported
+    params = json.loads((run / "02_prune" / "metrics.json").read_text())["params_before"]
+    assert params == records[2]["params"]  # prune compressed the distilled student
+    gptq = records[5]
     assert gptq["backend"] == "gptq" and gptq["stage"] == "quantize" and "size win" in gptq["note"]
     for key in ("accuracy", "agreement", "perplexity", "decode_tok_s", "size_mb", "peak_mem_mb", "quantize_s"):
         assert gptq[key] >= 0, key
-    assert gptq["size_mb"] < records[3]["size_mb"] and gptq["params"] == records[3]["params"]
-    stage = run / "02_quantize"
+    assert gptq["size_mb"] < records[4]["size_mb"] and gptq["params"] == records[4]["params"]
+    stage = run / "03_quantize"
     assert {p.name for p in stage.iterdir()} == {"model", "gptq", "logs", "config.yaml", "metrics.json",
                                                  "manifest.json", "DONE"}
     assert (stage / "model" / "model.safetensors").read_bytes() == \
-        (run / "01_prune" / "model" / "model.safetensors").read_bytes()  # the fp model, passed on for export
+        (run / "02_prune" / "model" / "model.safetensors").read_bytes()  # the fp model, passed on for export
     quant = json.loads((stage / "gptq" / "config.json").read_text())["quantization_config"]
     assert quant["bits"] == 4 and quant["group_size"] == 32
     assert (stage / "logs" / "gptq.log").stat().st_size > 0
@@ -89,8 +98,8 @@ def test_gptq_checkpoint_loads_with_transformers(gptq_run):
     code = f"""
 import torch
 from transformers import AutoModelForCausalLM
-q = AutoModelForCausalLM.from_pretrained("{run / '02_quantize' / 'gptq'}", device_map="cpu", dtype=torch.float32)
-fp = AutoModelForCausalLM.from_pretrained("{run / '02_quantize' / 'model'}")
+q = AutoModelForCausalLM.from_pretrained("{run / '03_quantize' / 'gptq'}", device_map="cpu", dtype=torch.float32)
+fp = AutoModelForCausalLM.from_pretrained("{run / '03_quantize' / 'model'}")
 assert type(q.model.layers[0].mlp.down_proj).__name__ != "Linear"
 ids = torch.tensor([list(range(40, 72))])
 with torch.no_grad():
@@ -107,7 +116,7 @@ print("AGREE", agree)
 def test_rerun_skips_and_group_size_that_does_not_divide_exits_2(gptq_run):
     run, _ = gptq_run
     proc = cli("run", *QUICK, f"run.root={run.parent}", "run.name=Q")
-    assert proc.returncode == 0 and proc.stderr.count("up to date, skipped") == 4, proc.stderr
+    assert proc.returncode == 0 and proc.stderr.count("up to date, skipped") == 5, proc.stderr
     saved = {p: p.read_bytes() for p in run.glob("0*/**/*") if p.is_file()}
     proc = cli("run", *QUICK, "quantize.group_size=48", f"run.root={run.parent}", "run.name=Q")
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
@@ -140,3 +149,40 @@ def test_smollm2_slim_gptq_4bit(tmp_path):
     assert 0 <= gptq["accuracy"] <= 1 and gptq["decode_tok_s"] > 0 and gptq["perplexity"] > 1
     print(f"\nslim student {student['size_mb']:.0f} MB -> GPTQ 4-bit g64 {gptq['size_mb']:.0f} MB, quantized in "
           f"{gptq['quantize_s']:.0f} s; decode {student['decode_tok_s']:.0f} -> {gptq['decode_tok_s']:.0f} tok/s")
+
+
+def test_calibration_reads_train_then_unlabeled_never_eval(tiny_cfg):
+    from omegaconf import OmegaConf
+
+    from compress.data import load_splits
+    from compress.errors import CompressError
+    from compress.stages.quantize import calibration_texts
+    from teachers import loading
+
+    tok = loading.load_tokenizer(loading.resolve(tiny_cfg.teacher, "teacher"), tiny_cfg.teacher, "teacher")
+    splits = load_splits(tiny_cfg.data)  # 40 train, 40 unlabeled, 40 eval
+    cfg = OmegaConf.merge(tiny_cfg, {"quantize": {"calibration_samples": 60}})
+    texts = calibration_texts(tok, cfg, splits)
+    assert len(texts) == 60
+    assert all(e.text[:30] in t for e, t in zip(splits.train, texts[:40]))
+    assert all(e.text[:30] in t for e, t in zip(splits.unlabeled, texts[40:]))
+    assert not any(e.text[:30] in t for e in splits.eval for t in texts)
+    with pytest.raises(CompressError, match="quantize.calibration_samples"):
+        calibration_texts(tok, OmegaConf.merge(cfg, {"quantize": {"calibration_samples": 81}}), splits)
+
+
+def test_too_few_calibration_prompts_exit_2_before_anything_runs(tmp_path):
+    proc = cli("run", *QUICK, "data.train_size=2", "data.unlabeled_size=2", f"run.root={tmp_path}", "run.name=C")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert "quantize.calibration_samples" in proc.stderr and "never eval" in proc.stderr
+    assert not (tmp_path / "C").exists()
+
+
+def test_gate_follows_the_students_each_stage_hands_on(gptq_run):
+    run, _ = gptq_run
+    default = cli("check", str(run), "--min-retention", "0.01")
+    assert default.returncode == 0 and "(stage export)" in default.stdout and "(onnx-fp32)" in default.stdout
+    for stage, shown, hidden in (("quantize", "(gptq) [gptq]", "(recovered)"), ("prune", "(recovered)", "(pruned)")):
+        proc = cli("check", str(run), "--min-retention", "0.01", "--stage", stage)
+        assert proc.returncode == 0 and f"(stage {stage})" in proc.stdout, proc.stdout + proc.stderr
+        assert shown in proc.stdout and hidden not in proc.stdout, proc.stdout

@@ -9,7 +9,7 @@ import pytest
 
 from compress.errors import CompressError
 from compress.report import pareto
-from compress.results import relate
+from compress.records import Record, relate
 from compress.testing import assert_retention
 from conftest import TINY, cli
 
@@ -25,9 +25,11 @@ def run(tmp_path_factory):
 def _derived(run, tmp_path, name: str, student_accuracy_delta: float):
     """A copy of the run's results with the student's accuracy moved (as a worse or better change would)."""
     res = json.loads((run / "results.json").read_text())
+    records = [Record.from_dict(r) for r in res["records"]]
+    records[1].accuracy += student_accuracy_delta
+    relate(records)
+    res["records"] = [r.to_dict() for r in records]
     student = res["records"][1]
-    student["accuracy"] += student_accuracy_delta
-    relate(res["records"])
     out = tmp_path / name
     out.mkdir()
     (out / "results.json").write_text(json.dumps(res))
@@ -37,14 +39,14 @@ def _derived(run, tmp_path, name: str, student_accuracy_delta: float):
 def test_run_writes_results_csv_and_report(run):
     res = json.loads((run / "results.json").read_text())
     teacher, student = res["records"]
-    assert teacher["speedup"] == 1.0 and teacher["retention"] == 1.0
+    assert student["retention"] == pytest.approx(student["accuracy"] / teacher["accuracy"])
     assert student["speedup"] == pytest.approx(student["decode_tok_s"] / teacher["decode_tok_s"])
     assert student["stage_wall_s"] > 0 and res["header"]["base_teacher"]["stage"] == "evaluate"
     rows = list(csv.DictReader((run / "results.csv").open()))
     assert [r["role"] for r in rows] == ["teacher", "student"]
     assert {"retention", "retention_base", "speedup", "prefill_ms", "decode_tok_s", "stage_wall_s"} <= set(rows[0])
     md = (run / "report.md").read_text()
-    assert "| evaluate | student:tiny-random | torch |" in md and "`00_evaluate`" in md and "```yaml" in md
+    assert "| evaluate | student:tiny-random | - | torch |" in md and "`00_evaluate`" in md and "```yaml" in md
     assert (run / "report.png").read_bytes()[:4] == b"\x89PNG"
 
 
@@ -106,12 +108,22 @@ def test_assert_retention(run, tmp_path):
 
 
 def test_relate_uses_fine_tuned_teacher_and_base_speed():
-    records = [{"stage": "evaluate", "role": "teacher", "accuracy": 0.5, "decode_tok_s": 10.0},
-               {"stage": "finetune_teacher", "role": "teacher", "accuracy": 0.8, "decode_tok_s": 10.0},
-               {"stage": "distill", "role": "student", "accuracy": 0.72, "decode_tok_s": 30.0}]
+    records = [Record("evaluate", "teacher", "t", accuracy=0.5, decode_tok_s=10.0),
+               Record("finetune_teacher", "teacher", "t", variant="qlora", accuracy=0.8, decode_tok_s=12.0),
+               Record("distill", "student", "s", accuracy=0.72, decode_tok_s=30.0)]
     refs = relate(records)
-    assert records[2]["retention"] == pytest.approx(0.9) and records[2]["retention_base"] == pytest.approx(1.44)
-    assert records[2]["speedup"] == pytest.approx(3.0) and refs["reference"]["stage"] == "finetune_teacher"
+    assert records[2].retention == pytest.approx(0.9) and records[2].retention_base == pytest.approx(1.44)
+    assert records[2].speedup == pytest.approx(3.0) and records[1].speedup == pytest.approx(1.2)
+    assert refs["reference"]["stage"] == "finetune_teacher" and refs["base_teacher"]["stage"] == "evaluate"
+
+
+def test_record_round_trips_and_reads_old_roles():
+    r = Record.of("export", "student", "smollm2-slim", {"accuracy": 0.7, "predictions": ["a"], "parity_top1": 1.0},
+                  variant="onnx-int8", backend="onnxruntime")
+    assert "predictions" not in r.to_dict() and r.extra == {"parity_top1": 1.0}
+    assert Record.from_dict(r.to_dict()) == r
+    old = Record.from_dict({"stage": "prune", "role": "student-recovered", "model": "s", "accuracy": 0.5})
+    assert (old.role, old.variant) == ("student", "recovered")
 
 
 def test_pareto_front():
@@ -150,7 +162,7 @@ def test_bench_gguf_on_llamacpp(tmp_path):
 @pytest.mark.parametrize("setup, args, needle", [
     ("missing", [], "no such file or folder"),
     ("onnx", [], "onnxruntime cannot open model.onnx"),
-    ("gguf", [], 'pip install "compress[llamacpp]"'),
+    ("gguf", [], "pip install llama-cpp-python=="),
     ("teacher", ["--prompt-lengths", "8,x"], "--prompt-lengths='8,x'"),
     ("teacher", ["--prompt-lengths", "100000"], "exceeds the model's"),
 ])

@@ -30,9 +30,10 @@ def test_full_pipeline_writes_every_stage(full_run):
     assert not (ft / "checkpoints").exists() and (ft / "logs" / "metrics.csv").is_file()
     assert (ds / "model" / "model.safetensors").is_file() and (ds / "pseudo_labels.jsonl").is_file()
     records = json.loads((run / "results.json").read_text())["records"]
-    assert [(r["stage"], r["role"]) for r in records][:7] == [
-        ("evaluate", "teacher"), ("evaluate", "student"), ("finetune_teacher", "teacher"), ("distill", "student"),
-        ("prune", "student-pruned"), ("prune", "student-recovered"), ("quantize", "student-gptq")]
+    assert [(r["stage"], r["role"], r["variant"]) for r in records][:7] == [
+        ("evaluate", "teacher", "base"), ("evaluate", "student", ""), ("finetune_teacher", "teacher", "qlora"),
+        ("distill", "student", ""), ("prune", "student", "pruned"), ("prune", "student", "recovered"),
+        ("quantize", "student", "gptq")]
     assert [r["backend"] for r in records[7:]] == ["onnxruntime"] * len(records[7:]) and len(records) > 7
     assert (run / "report.md").is_file() and (run / "report.png").is_file()
     for r in records:

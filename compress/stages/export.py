@@ -9,8 +9,9 @@
 4. Every variant is evaluated through onnxruntime (compress/ort.py) with the spine's evaluator;
    PyTorch fp32 decode speed is measured in the same process so each record carries a ratio.
 
-The model exported is the input artifact's `model/` (distill, prune, quantize...), or, when the
-input has none (pipeline `export`: [evaluate, export]), the configured student.
+Consumes: the student (the input's student role: distilled, pruned, the unquantized input of GPTQ, or
+the configured student after `evaluate`) and the teacher (for agreement). Produces: the ONNX forms
+of the student, measured; the roles are handed on unchanged (an ONNX model is not a PyTorch one).
 """
 from __future__ import annotations
 
@@ -26,28 +27,36 @@ from compress import ort
 from compress.artifact import Artifact, write_json
 from compress.console import say
 from compress.data import load_splits
-from compress.errors import Problem, raise_if
-from compress.evaluate import (_pad, build_prompt, count_params, evaluate_fns, latency_prompt, measure_latency,
+from compress.errors import CompressError, Problem, raise_if
+from compress.evaluate import (pad, build_prompt, count_params, evaluate_fns, latency_prompt, measure_latency,
                                peak_memory, perplexity_blocks, torch_logits_fn, weights_size_mb)
-from compress.stages.evaluate import _ratio, carry_reference
-from students import build as student_build
+from compress.measure import carry
+from compress.records import Record, ratio
 from teachers import loading
+
+NAME = "export"
+CONSUMES = ("teacher", "student")
+PRODUCES: tuple[str, ...] = ()
+KEYS = ("teacher", "student", "data", "export", "run.seed")
+SUMMARY = "ONNX export (optimum) checked against PyTorch, int8/int4 CPU variants, evaluated through onnxruntime"
 
 VARIANTS = ("fp32", "int8", "int4")
 FOLDERS = {"fp32": "onnx", "int8": "onnx-int8", "int4": "onnx-int4"}
 
 
-def preflight(cfg) -> None:
-    """What can fail before any stage runs: the ONNX packages and the `export` settings."""
-    ort.require_onnx()
-    check(cfg)
+def preflight(cfg) -> list[Problem]:
+    """In the pipeline: the ONNX packages."""
+    try:
+        ort.require_onnx()
+    except CompressError as e:
+        return e.problems
+    return []
 
 
 def run(cfg, src: Artifact, out: Path) -> dict:
-    preflight(cfg)
     e = cfg.export
     splits = load_splits(cfg.data)
-    model_dir = input_model(cfg, src)
+    model_dir = Path(src.student()["path"])
     say(f"  exporting {model_dir} to ONNX (optimum, text-generation-with-past)")
     t0 = time.perf_counter()
     export_onnx(model_dir, out / FOLDERS["fp32"])
@@ -84,7 +93,7 @@ def reevaluate(cfg, src: Artifact, path: Path) -> dict:
     """Measure the finished stage's ONNX models again (the evaluation settings changed)."""
     import json
 
-    model, tok = loading.load(input_model(cfg, src), _cpu(cfg.student), "student")
+    model, tok = loading.load(Path(src.student()["path"]), _cpu(cfg.student), "student")
     parity = json.loads((path / "parity.json").read_text())
     threads = cfg.export.threads or cfg.eval.threads or torch.get_num_threads()
     return measure(cfg, src, path, model, tok, parity, threads)
@@ -97,21 +106,18 @@ def measure(cfg, src: Artifact, out: Path, model, tok, parity: dict, threads: in
     torch_latency = _torch_latency(model, tok, splits, cfg) if cfg.eval.latency else {}
     params = count_params(model)
     del model
-    ref = src.reference()
+    teacher = src.teacher()
     records = []
     for variant in cfg.export.variants:
         folder = out / FOLDERS[variant]
-        measured = evaluate_onnx(folder, tok, splits, cfg, ref.get("predictions"), f"student-onnx-{variant}",
-                                 threads)
-        measured.pop("predictions", None)
-        records.append({"stage": "export", "role": "student", "model": f"student-onnx-{variant}",
-                        "backend": "onnxruntime", "path": str(folder), "params": params, **measured,
-                        "retention": _ratio(measured.get("accuracy"), ref.get("accuracy")),
-                        "retention_base": _ratio(measured.get("accuracy"), ref.get("base_accuracy")),
-                        "decode_vs_torch": _ratio(measured.get("decode_tok_s"), torch_latency.get("decode_tok_s")),
-                        "parity_top1": parity[variant]["top1"], "parity_max_abs_diff": parity[variant]["max_abs_diff"]})
+        measured = evaluate_onnx(folder, tok, splits, cfg, teacher.get("predictions"), f"onnx-{variant}", threads)
+        records.append(Record.of(NAME, "student", cfg.student.name, measured, backend="onnxruntime",
+                                 variant=f"onnx-{variant}", path=str(folder), params=params,
+                                 decode_vs_torch=ratio(measured.get("decode_tok_s"), torch_latency.get("decode_tok_s")),
+                                 parity_top1=parity[variant]["top1"],
+                                 parity_max_abs_diff=parity[variant]["max_abs_diff"]).to_dict())
     return {"records": records, "torch_fp32_latency": torch_latency, "threads": threads,
-            "reference": carry_reference(src, out)}
+            "roles": carry(src, out)}
 
 
 def _cpu(model_cfg):
@@ -121,8 +127,8 @@ def _cpu(model_cfg):
     return OmegaConf.merge(model_cfg, {"dtype": "float32", "device": "cpu"})
 
 
-def check(cfg) -> None:
-    """Every problem with the `export` settings, at once."""
+def check(cfg) -> list[Problem]:
+    """The `export` section."""
     e, problems = cfg.export, []
     bad = [v for v in e.variants if v not in VARIANTS]
     if bad or "fp32" not in e.variants:
@@ -143,15 +149,7 @@ def check(cfg) -> None:
         problems.append(Problem("export.int4_block_size", e.int4_block_size, "must be a power of 2, >= 16"))
     if e.int4_accuracy_level not in (0, 1, 2, 3, 4):
         problems.append(Problem("export.int4_accuracy_level", e.int4_accuracy_level, "choose 0, 1, 2, 3 or 4"))
-    raise_if(problems, "invalid export settings")
-
-
-def input_model(cfg, src: Artifact) -> Path:
-    """The model this stage exports: the input artifact's `model/`, else the configured student."""
-    if src.model_dir is not None:
-        return src.model_dir
-    teacher_dir = loading.resolve(cfg.teacher, "teacher")
-    return student_build.resolve(cfg.student, teacher_dir)
+    return problems
 
 
 # --------------------------------------------------------------------------- export and parity
@@ -181,7 +179,7 @@ def compare(reference_fn, candidate_fn, prompts: list[list[int]], pad_id: int, b
     """Max |logit difference| and top-1 agreement of two logits functions over every prompt token."""
     worst, same, total = 0.0, 0, 0
     for start in range(0, len(prompts), batch_size):
-        ids, mask = _pad(prompts[start: start + batch_size], pad_id)  # (B, T)
+        ids, mask = pad(prompts[start: start + batch_size], pad_id)  # (B, T)
         a = reference_fn(ids, mask, None).float()  # (B, T, V)
         b = candidate_fn(ids, mask, None).float()
         keep = mask.bool()

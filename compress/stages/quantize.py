@@ -1,5 +1,8 @@
 """Stage `quantize`: GPTQ weight-only quantization (GPTQModel), measured through its own kernels.
 
+Consumes: the student (and the teacher, for agreement). Produces: the student: its GPTQ form is
+measured (the stage's output record), and `model/`, the unquantized input, is what later stages
+(`export`) read.
 The artifact:
     model/          the unquantized input model (hard links to the input's files): what `export` reads
     gptq/           the GPTQ checkpoint (packed integer weights, fp16 scales; embeddings and norms in GPTQModel's
@@ -10,7 +13,8 @@ The artifact:
 
 GPTQModel runs in a child process: once imported it slows every other model of the process (about 2x,
 measured) and it prints a great deal on stdout. Calibration texts are prompts of the train split with
-their gold answers, passed as local strings (nothing is downloaded).
+their gold answers, then prompts of the unlabeled split, passed as local strings (nothing is
+downloaded); never the eval split, which the model is scored on.
 
 GPTQ's speed-ups come from GPU kernels; on a CPU it is a size win: GPTQModel 5.6's CPU kernels decode
 slower than fp32 PyTorch on SmolLM2-135M. The record's `note` says so.
@@ -27,25 +31,63 @@ import sys
 import time
 from pathlib import Path
 
+from compress import extras
 from compress.artifact import Artifact, write_json
 from compress.console import say
 from compress.errors import CompressError, Problem
+from compress.measure import carry
+from compress.records import Record
 
+NAME = "quantize"
+CONSUMES = ("teacher", "student")
+PRODUCES = ("student",)
+KEYS = ("student", "data", "quantize", "run.seed")
+SUMMARY = ("GPTQ 4-bit (GPTQModel), evaluated through its kernels; a size win on CPU, speed on GPU; "
+           "passes the unquantized model on")
 BITS = (2, 3, 4, 8)
-INSTALL = ("BUILD_CUDA_EXT=0 pip install --no-build-isolation gptqmodel==5.6.12 optimum==2.1.0 "
-           "transformers==4.57.6")
-"""The tested install of the `gptq` extra (an sdist that imports torch to build: no build isolation;
-BUILD_CUDA_EXT=0 skips CUDA kernels where nvcc exists without a GPU; torch already installed is kept)."""
 NOTE = "GPTQ's speed-ups need GPU kernels; on a CPU it is a size win (its CPU kernels decode slower than fp32)"
 
 
-def require_gptqmodel() -> None:
-    """Stop with the install command when the optional GPTQ backend is missing."""
+def check(cfg) -> list[Problem]:
+    """The `quantize` section."""
+    q, problems = cfg.quantize, []
+    if q.bits not in BITS:
+        problems.append(Problem("quantize.bits", q.bits, f"GPTQ supports {', '.join(map(str, BITS))} bits"))
+    if q.group_size != -1 and q.group_size < 1:
+        problems.append(Problem("quantize.group_size", q.group_size, "must be >= 1 (a divisor of every layer's "
+                                "input width, e.g. 32, 64 or 128), or -1 for one group per row"))
+    if not 0 < q.damp_percent < 1:
+        problems.append(Problem("quantize.damp_percent", q.damp_percent, "must be in (0, 1), e.g. 0.05"))
+    for k in ("calibration_samples", "calibration_batch_size"):
+        if q[k] < 1:
+            problems.append(Problem(f"quantize.{k}", q[k], "must be >= 1"))
+    return problems
+
+
+def preflight(cfg) -> list[Problem]:
+    """In the pipeline: GPTQModel installed, and enough calibration prompts outside the eval split."""
+    from compress.data import load_splits
+
+    problems = []
     missing = [m for m in ("gptqmodel", "optimum") if importlib.util.find_spec(m) is None]
     if missing:
-        raise CompressError(Problem("pipeline.stages", "quantize", f"the quantize stage needs GPTQModel (an "
-                                    f"optional extra; missing: {', '.join(missing)}): run `{INSTALL}`, or drop "
-                                    "`quantize` from the pipeline"))
+        problems.append(Problem("pipeline.stages", "quantize", f"the quantize stage needs GPTQModel (an optional "
+                                f"extra; missing: {', '.join(missing)}): run `{extras.install('gptq')}`, or drop "
+                                "`quantize` from the pipeline"))
+    splits, n = load_splits(cfg.data), cfg.quantize.calibration_samples
+    if len(splits.train) + len(splits.unlabeled) < n:
+        problems.append(Problem("quantize.calibration_samples", n, f"GPTQ calibrates on train and unlabeled prompts "
+                                f"(never eval), and this data has {len(splits.train)} + {len(splits.unlabeled)}: "
+                                f"set quantize.calibration_samples<={len(splits.train) + len(splits.unlabeled)} or "
+                                "raise data.train_size / data.unlabeled_size"))
+    return problems
+
+
+def require_gptqmodel() -> None:
+    missing = [m for m in ("gptqmodel", "optimum") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise CompressError(Problem("pipeline.stages", "quantize", f"the quantize stage needs GPTQModel (missing: "
+                                    f"{', '.join(missing)}): run `{extras.install('gptq')}`"))
 
 
 # --------------------------------------------------------------------------- checks
@@ -89,18 +131,17 @@ def link_model(src: Path, dest: Path) -> None:
 
 
 def run(cfg, src: Artifact, out: Path) -> dict:
-    from students.prune import input_model
-
     require_gptqmodel()
     q = cfg.quantize
-    source = input_model(cfg, src)
+    source = Path(src.student()["path"])
     check_group_size(q.group_size, json.loads((source / "config.json").read_text()))
     link_model(source, out / "model")
     say(f"  GPTQ {q.bits}-bit, group size {q.group_size}, {q.calibration_samples} calibration prompts "
         f"(GPTQModel runs in a child process; its output goes to logs/gptq.log)")
-    measured = _in_child(cfg, out, src.reference().get("predictions"), quantize=True)
+    measured = _in_child(cfg, out, src.teacher().get("predictions"), quantize=True)
     say(f"  GPTQ model: {measured['size_mb']:.1f} MB, quantized in {measured['quantize_s']:.0f} s; note: {NOTE}")
-    return {"records": [_record(cfg, src, out, measured)], "reference": _carry(src, out),
+    return {"records": [_record(cfg, out, measured)],
+            "roles": carry(src, out, student={"path": out / "model", "name": cfg.student.name}),
             "input_model": str(source), "gptq": {"bits": q.bits, "group_size": q.group_size, "desc_act": q.desc_act,
                                                   "sym": q.sym}, "quantize_s": measured["quantize_s"], "note": NOTE}
 
@@ -108,24 +149,14 @@ def run(cfg, src: Artifact, out: Path) -> dict:
 def reevaluate(cfg, src: Artifact, path: Path) -> dict:
     """Measure the saved GPTQ model again, in a child process (the evaluation settings changed)."""
     require_gptqmodel()
-    measured = _in_child(cfg, path, src.reference().get("predictions"), quantize=False)
+    measured = _in_child(cfg, path, src.teacher().get("predictions"), quantize=False)
     measured["quantize_s"] = next((r.get("quantize_s") for r in Artifact.load(path).metrics()["records"]), None)
-    return {"records": [_record(cfg, src, path, measured)]}
+    return {"records": [_record(cfg, path, measured)]}
 
 
-def _carry(src: Artifact, out: Path) -> dict:
-    from compress.stages.evaluate import carry_reference
-
-    return carry_reference(src, out)
-
-
-def _record(cfg, src: Artifact, out: Path, measured: dict) -> dict:
-    from compress.stages.evaluate import _ratio
-
-    ref = src.reference()
-    return {"stage": "quantize", "role": "student-gptq", "model": cfg.student.name, "backend": "gptq",
-            "path": str(out / "gptq"), **measured, "retention": _ratio(measured.get("accuracy"), ref.get("accuracy")),
-            "retention_base": _ratio(measured.get("accuracy"), ref.get("base_accuracy")), "note": NOTE}
+def _record(cfg, out: Path, measured: dict) -> dict:
+    return Record.of(NAME, "student", cfg.student.name, measured, backend="gptq", variant="gptq",
+                     path=str(out / "gptq"), note=NOTE).to_dict()
 
 
 def _in_child(cfg, out: Path, reference: list[str] | None, quantize: bool) -> dict:
@@ -160,11 +191,17 @@ def _in_child(cfg, out: Path, reference: list[str] | None, quantize: bool) -> di
 
 
 def calibration_texts(tok, cfg, splits) -> list[str]:
-    """Train prompts (chat template applied) followed by their gold answers: what the model will see."""
+    """Train prompts (chat template applied) followed by their gold answers, then unlabeled prompts: what the
+    model will see. Never the eval split: the quantized model is scored on it."""
     from compress.evaluate import build_prompt
 
-    train = splits.train[: cfg.quantize.calibration_samples] or splits.eval[: cfg.quantize.calibration_samples]
-    return [build_prompt(tok, e.text, cfg.data) + splits.verbalizers.get(e.label, "") for e in train]
+    n = cfg.quantize.calibration_samples
+    texts = [build_prompt(tok, e.text, cfg.data) + splits.verbalizers.get(e.label, "") for e in splits.train[:n]]
+    texts += [build_prompt(tok, e.text, cfg.data) for e in splits.unlabeled[: n - len(texts)]]
+    if len(texts) < n:
+        raise CompressError(Problem("quantize.calibration_samples", n, f"only {len(texts)} train and unlabeled "
+                                    f"prompts (GPTQ never calibrates on eval): lower it or raise data.train_size"))
+    return texts
 
 
 def source_params(folder: Path) -> int:

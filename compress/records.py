@@ -1,0 +1,104 @@
+"""The one measurement record, and the figures derived from a run's records.
+
+A `Record` is one model measured by one backend in one stage. Stages build them with
+`Record.of` (raw measurements only); `relate` then sets the derived figures, retention,
+retention over the base teacher and speed-up, for a whole run at once, in one place.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+
+ROLES = ("teacher", "student")
+
+
+@dataclass
+class Record:
+    """One model, one backend, one stage: what was measured, and what it is."""
+
+    stage: str
+    """The pipeline stage that measured it (`evaluate`, `distill`, ...; `eval` for `compress eval`)."""
+    role: str
+    """`teacher` or `student`: which side of the distillation the model is on."""
+    model: str
+    """The name the user gave the model (its preset, folder or GGUF name)."""
+    backend: str = "torch"
+    """What ran it: `torch`, `gptq` (GPTQModel kernels), `onnxruntime`, `llama.cpp`."""
+    variant: str = ""
+    """Which form of the model: `base`, `qlora`, `pruned`, `recovered`, `gptq`, `onnx-int8`, ... (empty: as built)."""
+    output: bool = True
+    """True when this is a model the stage hands on (False: an intermediate, e.g. pruned before recovery)."""
+    path: str | None = None
+    """The folder (or file) measured."""
+    accuracy: float | None = None
+    agreement: float | None = None
+    """Fraction of eval examples where its prediction equals the reference teacher's."""
+    perplexity: float | None = None
+    prefill_ms: float | None = None
+    decode_tok_s: float | None = None
+    size_mb: float | None = None
+    params: int | None = None
+    peak_mem_mb: float | None = None
+    eval_s: float | None = None
+    stage_wall_s: float | None = None
+    retention: float | None = None
+    """accuracy / the reference teacher's (the last teacher measured); set by `relate`."""
+    retention_base: float | None = None
+    """accuracy / the base teacher's (of `evaluate`); set by `relate`."""
+    speedup: float | None = None
+    """decode tok/s / the base teacher's, measured in the same run; set by `relate`."""
+    extra: dict = field(default_factory=dict)
+    """Stage-specific figures (parity, quantization time, notes), flattened into the JSON."""
+
+    @classmethod
+    def of(cls, stage: str, role: str, model: str, measured: dict, **what) -> "Record":
+        """A record from a measurement dict (`evaluate_fns` and friends); unknown keys go to `extra`."""
+        known = {f.name for f in fields(cls)} - {"extra", "retention", "retention_base", "speedup"}
+        data = {**measured, **what}
+        data.pop("predictions", None)
+        extra = {k: v for k, v in data.items() if k not in known}
+        return cls(stage=stage, role=role, model=model, **{k: v for k, v in data.items() if k in known},
+                   extra=extra)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Record":
+        """A record as results.json or metrics.json hold it (flat)."""
+        d = dict(d)
+        role = str(d.get("role", "student"))
+        if role.startswith("student-"):  # records written before roles were explicit: student-pruned, ...
+            d.setdefault("variant", role.split("-", 1)[1])
+            d["role"] = "student"
+        if str(d.get("model", "")).startswith("student-onnx-"):  # the old export records' model names
+            d.setdefault("variant", d["model"][len("student-"):])
+        names = {f.name for f in fields(cls)} - {"extra"}
+        return cls(**{k: v for k, v in d.items() if k in names},
+                   extra={k: v for k, v in d.items() if k not in names})
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        return {**{k: v for k, v in d.items() if k != "extra"}, **d["extra"]}
+
+    @property
+    def label(self) -> str:
+        """`stage role:model (variant) [backend]`, as tables and the gate name a record."""
+        variant = f" ({self.variant})" if self.variant else ""
+        return f"{self.stage} {self.role}:{self.model}{variant} [{self.backend}]"
+
+
+def ratio(a: float | None, b: float | None) -> float | None:
+    return a / b if a is not None and b else None
+
+
+def relate(records: list[Record]) -> dict:
+    """Set retention, retention_base and speedup of every record (in place), against this run's
+    teachers: the reference is the last teacher with an accuracy, the base the `evaluate` stage's.
+    Returns both teachers' identities for the results header."""
+    teachers = [r for r in records if r.role == "teacher"]
+    base = next((r for r in teachers if r.stage == "evaluate"), teachers[0] if teachers else None)
+    ref = next((r for r in reversed(teachers) if r.accuracy is not None), None)
+    for r in records:
+        r.retention = ratio(r.accuracy, ref.accuracy) if ref else None
+        r.retention_base = ratio(r.accuracy, base.accuracy) if base else None
+        r.speedup = ratio(r.decode_tok_s, base.decode_tok_s) if base else None
+    who = lambda r: None if r is None else {k: getattr(r, k) for k in ("stage", "model", "variant", "backend",  # noqa: E731
+                                                                        "accuracy", "decode_tok_s")}
+    return {"reference": who(ref), "base_teacher": who(base)}

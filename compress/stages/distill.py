@@ -1,0 +1,195 @@
+"""Stage `distill`: the student learns from the reference teacher, in a Lightning module.
+
+Consumes: the teacher. Produces: the student (`model/`); the teacher is handed on.
+The student starts as `student` describes it (by default cut from the current, i.e. fine-tuned,
+teacher's layers). It trains on the teacher's pseudo-labels for the `unlabeled` split (and the gold
+labels of `train` when `distill.hard_weight > 0`) with the loss of `students/distill.py`:
+    soft_weight * KD_T + pseudo_weight * CE(pseudo) + hard_weight * CE(gold) + hidden_weight * (1 - cos)
+Artifact: `model/`, `pseudo_labels.jsonl`, `teacher_topk.safetensors` (with `distill.topk_cache`),
+`logs/metrics.csv`. Pseudo-labels are also cached in `<run>/cache/`, so a rerun with other loss
+settings reuses them.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import lightning as L
+import torch
+
+from compress import training
+from compress.artifact import Artifact
+from compress.console import say
+from compress.data import load_splits
+from compress.errors import CompressError, Problem
+from compress.hub import text_hash
+from compress.measure import carry, measure_student
+from compress.validate import schedule_problems
+from students import build as student_build
+from students import distill
+from teachers import loading
+
+NAME = "distill"
+CONSUMES = ("teacher",)
+PRODUCES = ("student",)
+KEYS = ("teacher", "student", "data", "distill", "trainer", "run.seed")
+SUMMARY = "soft-label + pseudo-label distillation into the student (Lightning), evaluated"
+
+
+def check(cfg) -> list[Problem]:
+    """The `distill` section: schedule, loss weights, divergence, top-K cache."""
+    d, problems = cfg.distill, schedule_problems(cfg, "distill")
+    if not d.temperature > 0:
+        problems.append(Problem("distill.temperature", d.temperature, "must be > 0 (1 = the plain distribution, "
+                                "2 is a common choice)"))
+    weights = {k: d[k] for k in ("soft_weight", "pseudo_weight", "hard_weight", "hidden_weight")}
+    problems += [Problem(f"distill.{k}", v, "must be >= 0") for k, v in weights.items() if v < 0]
+    if all(v == 0 for v in weights.values()):
+        problems.append(Problem("distill.soft_weight", 0, "soft_weight, pseudo_weight, hard_weight and hidden_weight "
+                                "are all 0, so the student would learn nothing; set at least one > 0"))
+    if d.divergence not in distill.DIVERGENCES:
+        problems.append(Problem("distill.divergence", d.divergence,
+                                f"choose one of: {', '.join(distill.DIVERGENCES)}"))
+    if not 0 < d.jsd_beta < 1:
+        problems.append(Problem("distill.jsd_beta", d.jsd_beta, "must be in (0, 1)"))
+    if d.soft_on not in ("all", "answer"):
+        problems.append(Problem("distill.soft_on", d.soft_on, "choose all or answer"))
+    if d.topk_cache < 0:
+        problems.append(Problem("distill.topk_cache", d.topk_cache, "must be >= 0 (0 = teacher on the fly)"))
+    elif d.topk_cache > 0 and d.divergence != "forward_kl":
+        problems.append(Problem("distill.topk_cache", d.topk_cache, "the top-K cache supports "
+                                "distill.divergence=forward_kl only; set topk_cache=0 for reverse_kl or jsd"))
+    if d.topk_cache > 0 and d.hidden_weight > 0:
+        problems.append(Problem("distill.topk_cache", d.topk_cache, "hidden-state distillation needs the teacher's "
+                                "activations, which the top-K cache does not hold; set topk_cache=0 or hidden_weight=0"))
+    return problems
+
+
+def preflight(cfg) -> list[Problem]:
+    """In the pipeline: a student of its own must share the teacher's vocabulary for soft labels (fail now,
+    not after hours of earlier stages)."""
+    if cfg.distill.soft_weight <= 0 or not (cfg.student.path or cfg.student.random):
+        return []
+    t = loading.load_tokenizer(loading.resolve(cfg.teacher, "teacher"), cfg.teacher, "teacher")
+    s = loading.load_tokenizer(loading.resolve(cfg.student, "student"), cfg.student, "student")
+    try:
+        distill.check_tokenizers(t, s, cfg.distill.soft_weight)
+    except CompressError as e:
+        return e.problems
+    return []
+
+
+def run(cfg, src: Artifact, out: Path) -> dict:
+    splits = load_splits(cfg.data)
+    teacher = src.teacher()
+    init = out / "student_init" if cfg.student.from_teacher and not cfg.student.path else None
+    student_dir = student_build.resolve(cfg.student, Path(teacher["path"]), dest=init)
+    info = train(cfg, cfg.distill, Path(teacher["path"]), student_dir, splits, out)
+    if info is None:  # ranks > 0 only train
+        return {}
+    if init is not None:
+        shutil.rmtree(init, ignore_errors=True)
+    record = measure_student(cfg, NAME, out / "model", splits, teacher)
+    return {"records": [record.to_dict()], "roles": carry(src, out, student={"path": out / "model",
+                                                                            "name": cfg.student.name}), **info}
+
+
+def reevaluate(cfg, src: Artifact, path: Path) -> dict:
+    """Measure the finished stage's student again (the evaluation settings changed)."""
+    return {"records": [measure_student(cfg, NAME, path / "model", load_splits(cfg.data), src.teacher()).to_dict()]}
+
+
+def train(cfg, d, teacher_dir: Path, student_dir: Path, splits, out: Path) -> dict | None:
+    """Distil the teacher in `teacher_dir` into the student in `student_dir` with the loss settings `d`
+    (`cfg.distill`, or prune's recovery schedule); save the result to `out/model`. Returns what it
+    trained on; None on ranks > 0, which only join the fit."""
+    L.seed_everything(cfg.run.seed, workers=True)
+    teacher, t_tok = loading.load(teacher_dir, cfg.teacher, "teacher")
+    student, s_tok = loading.load(student_dir, cfg.student, "student")
+    distill.check_tokenizers(t_tok, s_tok, d.soft_weight)
+    answers = pseudo_labels(teacher, t_tok, teacher_dir, splits, cfg, out)
+
+    texts, targets, kinds = [], [], []
+    if d.hard_weight > 0:
+        texts += [e.text for e in splits.train]
+        targets += [splits.verbalizers[e.label] for e in splits.train]
+        kinds += [0] * len(splits.train)
+    if d.pseudo_weight > 0 or d.soft_weight > 0:
+        texts += [e.text for e in splits.unlabeled]
+        targets += answers
+        kinds += [1] * len(splits.unlabeled)
+    if not texts:
+        raise CompressError(Problem("data.unlabeled_size", cfg.data.unlabeled_size, "distill has no examples to "
+                                    "train on: raise data.unlabeled_size (or data.train_size with hard_weight > 0)"))
+    items = training.encode_examples(s_tok, cfg.data, texts, targets, d.max_length, kinds)
+    for i, it in enumerate(items):
+        it["index"] = i
+    n_val = min(d.val_size, len(items) // 5) if d.val_every > 0 else 0
+    topk = None
+    if d.topk_cache > 0 and d.soft_weight > 0:
+        topk = topk_cache(teacher, items, d, cfg.eval.batch_size, s_tok.pad_token_id, out)
+        teacher = None  # training reads the cache only
+    student.config.use_cache = False
+    if d.freeze_embeddings:
+        student.get_input_embeddings().weight.requires_grad_(False)
+    module = distill.DistillModule(student.train(), teacher, d, topk)
+    # bf16 autocast on a CPU with AMX / AVX512-BF16: 1.7x faster steps, same accuracy (README, measured)
+    trainer = training.make_trainer(cfg.trainer, d, out, has_val=n_val > 0, cpu_bf16=True)
+    n_all = sum(p.numel() for p in student.parameters()) / 1e6
+    n_trained = sum(p.numel() for p in student.parameters() if p.requires_grad) / 1e6
+    say(f"  distilling into {cfg.student.name} ({n_all:.1f} M params, {n_trained:.1f} M trained) for "
+        f"{d.max_steps} steps on {len(items) - n_val} examples")
+    trainer.fit(module, training.step_loader(items[n_val:], d.batch_size, s_tok.pad_token_id, cfg.run.seed, trainer),
+                training.loader(items[:n_val], d.batch_size, s_tok.pad_token_id, False) if n_val else None,
+                ckpt_path=training.last_checkpoint(out))
+    if not trainer.is_global_zero:  # other ranks only train; rank 0 writes the artifact
+        return None
+    student.config.use_cache = True
+    student.save_pretrained(out / "model", safe_serialization=True)
+    s_tok.save_pretrained(out / "model")
+    return {"pseudo_labels": len(answers), "train_items": len(items) - n_val,
+            "topk_bytes_per_token": distill.topk_bytes_per_token(d.topk_cache) if topk is not None else None}
+
+
+def topk_cache(teacher, items: list[dict], d, batch_size: int, pad_id: int, out: Path) -> dict:
+    """The teacher's top-K log-probs for every training item: `out/teacher_topk.safetensors`, built once
+    (a resumed stage reads it back)."""
+    from safetensors.torch import load_file
+
+    path = out / "teacher_topk.safetensors"
+    if path.exists():
+        return load_file(path)
+    return distill.build_topk_cache(teacher, items, d.topk_cache, d.temperature, batch_size, pad_id, out)
+
+
+def pseudo_labels(teacher, tok, teacher_dir: Path, splits, cfg, out: Path) -> list[str]:
+    """The teacher's answers for the `unlabeled` split, written to `out/pseudo_labels.jsonl`.
+
+    A copy is kept in the run's `cache/` folder, keyed by the teacher folder, the texts, the
+    verbalizers and the precision, so a rerun of this stage (other weights, temperature, steps)
+    reuses them. The teacher runs in the precision distillation trains in: under bf16 autocast on
+    a bf16 CPU it labels 1.75x faster, and 99.1% of its labels equal fp32's (800 reviews, SmolLM2).
+    """
+    bf16 = training.precision(cfg.trainer, cpu_bf16=True).startswith("bf16")
+    key = text_hash(json.dumps([loading.folder_fingerprint(teacher_dir), [e.text for e in splits.unlabeled],
+                                splits.verbalizers, cfg.distill.pseudo_max_new_tokens, bf16]))[:16]
+    cached = out.parent / "cache" / f"pseudo_labels-{key}.jsonl"
+    if cached.exists():
+        if not (out / "pseudo_labels.jsonl").exists():  # a resumed stage (or another rank) has it already
+            shutil.copy2(cached, out / "pseudo_labels.jsonl")
+        rows = [json.loads(line) for line in cached.read_text().splitlines()]
+        say(f"  pseudo-labels: reused {len(rows)} from {cached}")
+        return [r["answer"] for r in rows]
+    texts = [e.text for e in splits.unlabeled]
+    device = next(teacher.parameters()).device.type
+    with torch.autocast(device, dtype=torch.bfloat16, enabled=bf16):
+        answers = distill.teacher_answers(teacher, tok, texts, splits, cfg)
+    with open(out / "pseudo_labels.jsonl", "w") as f:
+        for t, a in zip(texts, answers):
+            f.write(json.dumps({"text": t, "answer": a}) + "\n")
+    cached.parent.mkdir(exist_ok=True)
+    shutil.copy2(out / "pseudo_labels.jsonl", cached)
+    return answers
+
+

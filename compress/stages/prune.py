@@ -1,0 +1,110 @@
+"""Stage `prune`: structured pruning of the student (torch-pruning), then recovery distillation.
+
+Consumes: the student (the input's student role: the distilled student, or the configured one after
+`evaluate`) and the teacher (the recovery distils the reference teacher). Produces: the recovered
+student (`model/`); the teacher is handed on.
+Pruning alone collapses accuracy, so a short distillation from the reference teacher follows (the
+`distill` stage's training, on the pruned model, with `prune.recovery_*`). Two records: the pruned
+student before recovery (`pruned/`, an intermediate) and after (`model/`, what the stage hands on).
+What is removed and how importance is scored: `students/prune.py`.
+"""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+
+from compress.artifact import Artifact
+from compress.console import say
+from compress.data import load_splits
+from compress.errors import Problem
+from compress.measure import carry, measure_student
+from compress.stages import distill as distill_stage
+from students import prune
+from teachers import loading
+
+NAME = "prune"
+CONSUMES = ("teacher", "student")
+PRODUCES = ("student",)
+KEYS = ("teacher", "student", "data", "prune", "distill", "trainer", "run.seed")
+SUMMARY = ("structured pruning (torch-pruning: MLP units, GQA-aware heads, layers), then recovery distillation; "
+           "evaluated before and after recovery")
+
+
+def check(cfg) -> list[Problem]:
+    """The `prune` section (what needs the model itself is checked in `run`, before pruning)."""
+    p = cfg.prune
+    problems = [Problem(f"prune.{k}", p[k], "must be in [0, 1): the fraction removed (0 removes nothing)")
+                for k in ("mlp_ratio", "head_ratio") if not 0 <= p[k] < 1]
+    if p.heads not in prune.HEADS:
+        problems.append(Problem("prune.heads", p.heads, f"choose one of: {', '.join(prune.HEADS)}"))
+    if p.importance not in prune.IMPORTANCE:
+        problems.append(Problem("prune.importance", p.importance, f"choose one of: {', '.join(prune.IMPORTANCE)}"))
+    if not p.targets:
+        problems.append(Problem("prune.targets", list(p.targets), "name the MLP's input projections, "
+                                "e.g. [gate_proj, up_proj]"))
+    for k in ("round_to", "calibration_batches", "calibration_batch_size"):
+        if p[k] < 1:
+            problems.append(Problem(f"prune.{k}", p[k], "must be >= 1"))
+    if p.recovery_steps < 0:
+        problems.append(Problem("prune.recovery_steps", p.recovery_steps, "must be >= 0"))
+    if not p.recovery_lr > 0:
+        problems.append(Problem("prune.recovery_lr", p.recovery_lr, "must be > 0, e.g. 2e-4"))
+    if any(i < 0 for i in p.drop_layers):
+        problems.append(Problem("prune.drop_layers", list(p.drop_layers), "layer indices are 0-based (>= 0)"))
+    return problems
+
+
+def run(cfg, src: Artifact, out: Path) -> dict:
+    torch.manual_seed(cfg.run.seed)
+    splits = load_splits(cfg.data)
+    teacher, source = src.teacher(), Path(src.student()["path"])
+    model, tok = loading.load(source, cfg.student, "student")
+    model.float()  # gradients and pruning in fp32
+    prune.check(model, cfg.prune)
+    params_before = sum(p.numel() for p in model.parameters())
+    say(f"  pruning {cfg.student.name} ({source}, {params_before / 1e6:.1f} M params, {cfg.prune.importance} "
+        "importance)")
+    shapes = prune.prune(model, tok, cfg, splits)
+    params_after = sum(p.numel() for p in model.parameters())
+    say(f"  {shapes['before']} -> {shapes['after']}: {params_after / 1e6:.1f} M params")
+    pruned = out / "pruned"
+    model.save_pretrained(pruned, safe_serialization=True)
+    tok.save_pretrained(pruned)
+    del model
+    records = [measure_student(cfg, NAME, pruned, splits, teacher, variant="pruned", output=False)]
+    if cfg.prune.recovery_steps > 0:
+        say(f"  recovery: distilling the reference teacher into the pruned student for "
+            f"{cfg.prune.recovery_steps} steps")
+        if distill_stage.train(_recovery_config(cfg, pruned), _recovery_schedule(cfg), Path(teacher["path"]),
+                               pruned, splits, out) is None:
+            return {}  # ranks > 0 only train
+        records.append(measure_student(cfg, NAME, out / "model", splits, teacher, variant="recovered"))
+    else:
+        shutil.copytree(pruned, out / "model")
+        records.append(measure_student(cfg, NAME, out / "model", splits, teacher, variant="recovered"))
+    return {"records": [r.to_dict() for r in records], "input_model": str(source), "shapes": shapes,
+            "params_before": params_before, "params_after": params_after,
+            "roles": carry(src, out, student={"path": out / "model", "name": cfg.student.name})}
+
+
+def reevaluate(cfg, src: Artifact, path: Path) -> dict:
+    """Measure the pruned and the recovered student again (the evaluation settings changed)."""
+    splits, teacher = load_splits(cfg.data), src.teacher()
+    return {"records": [measure_student(cfg, NAME, path / "pruned", splits, teacher, "pruned", False).to_dict(),
+                        measure_student(cfg, NAME, path / "model", splits, teacher, "recovered").to_dict()]}
+
+
+def _recovery_config(cfg, pruned: Path):
+    """The job's config with the student pointed at the pruned model (a model of its own now)."""
+    return OmegaConf.merge(cfg, {"student": {"path": str(pruned), "from_teacher": False, "random": None,
+                                             "hub_id": None, "gguf_package": None}})
+
+
+def _recovery_schedule(cfg):
+    """The `distill` loss settings with the recovery schedule."""
+    p, d = cfg.prune, cfg.distill
+    return OmegaConf.merge(d, {"max_steps": p.recovery_steps, "lr": p.recovery_lr,
+                               "warmup_steps": min(d.warmup_steps, p.recovery_steps // 10), "val_every": 0})
