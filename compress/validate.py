@@ -93,6 +93,7 @@ def _run_name(name) -> list[Problem]:
 
 
 def _training(cfg) -> list[Problem]:
+    from compress.training import trainer_problems
     from students.distill import DIVERGENCES  # the one list of each, kept beside the code that uses it
     from teachers.finetune import METHODS
 
@@ -150,6 +151,8 @@ def _training(cfg) -> list[Problem]:
     if cfg.trainer.num_nodes < 1:
         problems.append(Problem("trainer.num_nodes", cfg.trainer.num_nodes, "must be >= 1"))
     problems += _strategy(cfg.trainer)
+    if {"finetune_teacher", "distill"} & set(cfg.pipeline.stages) and not any(p.key.startswith("trainer.") for p in problems):
+        problems += trainer_problems(cfg.trainer)  # what Lightning itself refuses on this machine
     return problems
 
 
