@@ -24,6 +24,10 @@ from compress.hub import text_hash
 from compress.lock import holder, run_lock
 from compress.report import write_report
 from compress.stages import ROLES, STAGES, Stage
+from compress.training import trainer_problems
+
+TRAINS = {"finetune_teacher", "distill", "prune"}
+"""Stages that build a Lightning Trainer (prune: its recovery distillation)."""
 
 
 def preflight(cfg) -> None:
@@ -35,6 +39,8 @@ def preflight(cfg) -> None:
     for stage in STAGES.values():
         problems += stage.check(cfg)
     problems += role_problems(list(cfg.pipeline.stages))
+    if TRAINS & set(cfg.pipeline.stages) and not any(p.key.startswith("trainer.") for p in problems):
+        problems += trainer_problems(cfg.trainer)  # what Lightning itself refuses on this machine
     raise_if(problems, "invalid configuration")
     load_splits(cfg.data)
     for name in dict.fromkeys(cfg.pipeline.stages):

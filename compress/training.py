@@ -10,7 +10,9 @@ from pathlib import Path
 
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import RichProgressBar
 
+from compress.errors import Problem
 from compress.evaluate import build_prompt, encode_requests
 
 for _name in ("lightning.pytorch", "lightning.fabric"):  # seeds, device summaries, tips: noise for our users
@@ -155,6 +157,65 @@ def _devices(value: str):
     return int(value)
 
 
+def _lightning_args(tcfg, cpu_bf16: bool = False) -> dict:
+    """What `trainer` passes straight to Lightning: accelerator, devices, strategy, nodes, precision."""
+    return {"accelerator": tcfg.accelerator, "devices": _devices(tcfg.devices), "strategy": tcfg.strategy,
+            "num_nodes": tcfg.num_nodes, "precision": precision(tcfg, cpu_bf16)}
+
+
+def _refusal(args: dict) -> str | None:
+    """Lightning's reason for refusing a Trainer with `args`, in one line; None if it accepts them.
+    Construction only checks and resolves the settings: no process starts, a few milliseconds."""
+    try:
+        L.Trainer(**args, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                  enable_model_summary=False)
+    except Exception as e:  # Lightning raises ValueError, TypeError, MisconfigurationException, ...
+        return " ".join(str(e).split()) or type(e).__name__
+    return None
+
+
+def trainer_problems(tcfg) -> list[Problem]:
+    """The `trainer` settings Lightning refuses on this machine, asked of Lightning itself with the
+    precision each training stage uses (fine-tuning `precision(tcfg)`, distillation
+    `precision(tcfg, cpu_bf16=True)`), so that a refusal comes before any stage starts.
+
+    The key named is the one whose neutral value (strategy auto, precision 32-true, accelerator auto,
+    devices 1, one node) alone makes Lightning accept; the fix names the presets it accepts here.
+    """
+    for cpu_bf16 in (False, True):
+        args = _lightning_args(tcfg, cpu_bf16)
+        reason = _refusal(args)
+        if reason is None:
+            continue
+        neutral = {"strategy": "auto", "precision": "32-true", "accelerator": "auto", "devices": 1, "num_nodes": 1}
+        key = next((k for k, v in neutral.items() if args[k] != v and _refusal({**args, k: v}) is None), None)
+        if key is None:  # several settings at fault: the first that Lightning's message names, else the accelerator
+            named = [k for k in ("strategy", "precision", "devices") if k.rstrip("s") in reason.lower()]
+            key = min(named, key=lambda k: reason.lower().index(k.rstrip("s"))) if named else "accelerator"
+        value = tcfg[key] if key != "precision" or tcfg.precision != "auto" else f"auto ({args['precision']})"
+        first = reason.split(". ")[0].rstrip(".")  # Lightning's own advice after it may not fit this machine
+        return [Problem(f"trainer.{key}", value, f"Lightning refuses it here: {first}; {_working_presets(tcfg)}")]
+    return []
+
+
+def _working_presets(tcfg) -> str:
+    """The `trainer=` presets that Lightning accepts on this machine, those with `tcfg`'s strategy first."""
+    from omegaconf import OmegaConf
+
+    from compress.config import config_dir
+    from compress.schema import TrainerConfig
+
+    ok = []
+    for f in sorted((config_dir() / "trainer").glob("*.yaml")):
+        preset = OmegaConf.merge(OmegaConf.structured(TrainerConfig), OmegaConf.load(f))
+        if all(_refusal(_lightning_args(preset, b)) is None for b in (False, True)):
+            ok.append((preset.strategy != tcfg.strategy, f"trainer={f.stem}"))
+    if not ok:
+        return "no trainer preset works on this machine; set trainer.accelerator=cpu trainer.strategy=auto"
+    names = [n for _, n in sorted(ok)]
+    return f"use a preset that works on this machine: {' or '.join(names[:3])}{' (or ...)' if names[3:] else ''}"
+
+
 class Resume(L.Callback):
     """Completes Lightning's checkpoints so that a resumed run continues exactly: the RNG states
     (dropout, e.g. LoRA's) go in with the weights, optimizer, scheduler and loop state."""
@@ -183,6 +244,62 @@ class GlobalLoss(L.Callback):
                           on_step=True, on_epoch=False)
 
 
+class StepProgressBar(RichProgressBar):
+    """Lightning's bar counts the batches of an epoch: with step-based training (max_steps,
+    max_epochs=-1) it read `Epoch 0/-2`, and with grad_accum > 1 it counted micro-batches. This one
+    reads `step n/max_steps` (optimizer steps, right after a resume too) with the loss beside it,
+    on stderr beside the pipeline's messages (stdout stays for tables and JSON)."""
+
+    def __init__(self) -> None:
+        super().__init__(console_kwargs={"stderr": True})
+
+    def description(self) -> str:
+        return f"step {self.trainer.global_step}/{self.trainer.max_steps}"
+
+    @property
+    def total_train_batches(self) -> int:
+        return self.trainer.max_steps
+
+    def _get_train_description(self, current_epoch: int) -> str:
+        return self.description()
+
+    def _show_steps(self) -> None:
+        if self.progress is not None and self.train_progress_bar_id is not None:
+            self.progress.update(self.train_progress_bar_id, completed=self.trainer.global_step,
+                                 total=self.trainer.max_steps, description=self.description())
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        super().on_train_epoch_start(trainer, pl_module)
+        self._show_steps()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if self.is_disabled:
+            return
+        if self.train_progress_bar_id is None:  # resumed mid-epoch
+            self._initialize_train_progress_bar_id()
+        self._show_steps()
+        self._update_metrics(trainer, pl_module)
+        self.refresh()
+
+    def get_metrics(self, trainer, pl_module) -> dict:
+        items = super().get_metrics(trainer, pl_module)
+        items.pop("v_num", None)  # the logger has no versions: out/logs/metrics.csv
+        return items
+
+    def configure_columns(self, trainer) -> list:
+        from lightning.pytorch.callbacks.progress.rich_progress import BatchesProcessedColumn
+        from rich.text import Text
+
+        bar = self
+
+        class Count(BatchesProcessedColumn):  # n/total of validation; the training bar's description has it
+            def render(self, task):
+                return Text() if task.id == bar.train_progress_bar_id else super().render(task)
+
+        return [Count(self.theme.batch_progress) if isinstance(c, BatchesProcessedColumn) else c
+                for c in super().configure_columns(trainer)]
+
+
 def make_trainer(tcfg, ocfg, out: Path, has_val: bool, cpu_bf16: bool = False):
     """A Lightning Trainer from the `trainer` and stage optimisation settings; logs and checkpoints in `out`.
 
@@ -201,13 +318,12 @@ def make_trainer(tcfg, ocfg, out: Path, has_val: bool, cpu_bf16: bool = False):
     val = {"val_check_interval": ocfg.val_every * ocfg.grad_accum, "check_val_every_n_epoch": None} \
         if has_val and ocfg.val_every > 0 else {"limit_val_batches": 0}
     trainer = L.Trainer(
-        max_steps=ocfg.max_steps, accumulate_grad_batches=ocfg.grad_accum,
-        accelerator=tcfg.accelerator, devices=_devices(tcfg.devices), strategy=tcfg.strategy,
-        num_nodes=tcfg.num_nodes, precision=precision(tcfg, cpu_bf16),
+        max_steps=ocfg.max_steps, accumulate_grad_batches=ocfg.grad_accum, **_lightning_args(tcfg, cpu_bf16),
         use_distributed_sampler=False,  # StepBatches shards
         gradient_clip_val=ocfg.max_grad_norm or None, log_every_n_steps=tcfg.log_every,
         enable_progress_bar=tcfg.progress_bar, enable_model_summary=False, num_sanity_val_steps=0,
-        logger=CSVLogger(out, name="logs", version=""), callbacks=[ckpt, Resume(), GlobalLoss()],
+        logger=CSVLogger(out, name="logs", version=""),
+        callbacks=[ckpt, Resume(), GlobalLoss()] + ([StepProgressBar()] if tcfg.progress_bar else []),
         default_root_dir=out, **val,
     )
     if not dist.is_follower() and (out / PARTIAL).exists():

@@ -3,13 +3,16 @@ and nothing saved is lost (a finished stage of the run is byte-for-byte intact a
 
 Each case runs `compress run` on a run folder whose `00_evaluate` is finished. Elsewhere:
 the locked run folder (tests/test_resume.py), `compress plan` with a bad size or an unknown
-architecture (tests/test_plan.py), bad data files in detail (tests/test_data.py).
+architecture (tests/test_plan.py), `compress check` and `compress bench` (tests/test_report.py),
+trainer settings Lightning refuses (tests/test_trainer_checks.py), bad data files in detail
+(tests/test_data.py).
 """
 import errno
 import json
 import shutil
 
 import pytest
+import torch
 
 from compress.cli import main
 from conftest import TINY
@@ -52,52 +55,33 @@ def _has(msg: str, *needles: str) -> None:
 # --------------------------------------------------------------------------- config
 
 
-def test_unknown_preset(run, capsys):
-    _has(_bad(run, capsys, "teacher=gpt5"), "teacher='gpt5'", "no such teacher preset", "llama7b, smollm2-135m")
-
-
-def test_unknown_key(run, capsys):
-    _has(_bad(run, capsys, "eval.batchsize=2"), "eval.batchsize", "unknown key", "did you mean `batch_size`")
-
-
-def test_wrong_type(run, capsys):
-    _has(_bad(run, capsys, "data.eval_size=many"), "data.eval_size='many'", "expected a value of type Integer")
-
-
-def test_negative_size(run, capsys):
-    _has(_bad(run, capsys, "data.eval_size=-5", "data.train_size=-1"), "data.eval_size=-5", "data.train_size=-1",
-         "must be >= 1", "must be >= 0", "2 problems")
-
-
-def test_zero_batch_size(run, capsys):
-    _has(_bad(run, capsys, "finetune.batch_size=0"), "finetune.batch_size=0", "must be >= 1")
-
-
-def test_zero_and_negative_learning_rates(run, capsys):
-    _has(_bad(run, capsys, "distill.lr=0", "finetune.lr=-0.0001"), "distill.lr=0", "finetune.lr=-0.0001",
-         "must be > 0, e.g. 1e-4")
-
-
-def test_zero_temperature(run, capsys):
-    _has(_bad(run, capsys, "distill.temperature=0"), "distill.temperature=0", "must be > 0")
-
-
-def test_negative_temperature(run, capsys):
-    _has(_bad(run, capsys, "distill.temperature=-1.5"), "distill.temperature=-1.5", "must be > 0")
-
-
-def test_no_loss_term(run, capsys):
-    _has(_bad(run, capsys, "distill.soft_weight=0", "distill.pseudo_weight=0", "distill.hard_weight=0",
-                      "distill.hidden_weight=0"),
-         "distill.soft_weight=0", "all 0", "set at least one > 0")
-
-
-def test_unknown_strategy(run, capsys):
-    _has(_bad(run, capsys, "trainer.strategy=horovod"), "trainer.strategy='horovod'", "ddp, fsdp, deepspeed")
-
-
-def test_cuda_device_without_a_gpu(run, capsys):
-    _has(_bad(run, capsys, "teacher.device=cuda"), "teacher.device='cuda'", "CUDA is not available", "auto or cpu")
+@pytest.mark.parametrize("overrides, needles", [
+    pytest.param(["teacher=gpt5"], ["teacher='gpt5'", "no such teacher preset", "llama7b, smollm2-135m", "tiny-random"],
+                 id="unknown-preset"),
+    pytest.param(["eval.batchsize=2"], ["eval.batchsize", "unknown key", "did you mean `batch_size`"], id="unknown-key"),
+    pytest.param(["data.eval_size=many"], ["data.eval_size='many'", "expected a value of type Integer"],
+                 id="wrong-type"),
+    pytest.param(["data.eval_size=-5", "data.train_size=-1"],
+                 ["data.eval_size=-5", "data.train_size=-1", "must be >= 1", "must be >= 0", "2 problems"],
+                 id="negative-sizes"),
+    pytest.param(["finetune.batch_size=0"], ["finetune.batch_size=0", "must be >= 1"], id="zero-batch-size"),
+    pytest.param(["distill.lr=0", "finetune.lr=-0.0001"], ["distill.lr=0", "finetune.lr=-0.0001",
+                                                          "must be > 0, e.g. 1e-4"], id="zero-and-negative-lr"),
+    pytest.param(["distill.temperature=0"], ["distill.temperature=0", "must be > 0"], id="zero-temperature"),
+    pytest.param(["distill.temperature=-1.5"], ["distill.temperature=-1.5", "must be > 0"], id="negative-temperature"),
+    pytest.param(["distill.soft_weight=0", "distill.pseudo_weight=0", "distill.hard_weight=0", "distill.hidden_weight=0"],
+                 ["distill.soft_weight=0", "all 0", "set at least one > 0"], id="no-loss-term"),
+    pytest.param(["distill.hidden_weight=0.5", "distill.topk_cache=8"], ["distill.topk_cache=8", "hidden_weight=0"],
+                 id="hidden-states-with-topk-cache"),
+    pytest.param(["teacher.method=qat"], ["teacher.method='qat'", "qlora, lora, full"], id="unknown-method"),
+    pytest.param(["trainer.strategy=horovod"], ["trainer.strategy='horovod'", "ddp, fsdp, deepspeed"],
+                 id="unknown-strategy"),
+    pytest.param(["teacher.device=cuda"], ["teacher.device='cuda'", "CUDA is not available", "auto or cpu"],
+                 id="cuda-without-a-gpu",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")),
+])
+def test_bad_config(run, capsys, overrides, needles):
+    _has(_bad(run, capsys, *overrides), *needles)
 
 
 @pytest.mark.parametrize("name", ["a/b", "../escape", ".."])
@@ -198,6 +182,18 @@ def test_tokenizer_mismatch_for_soft_labels(run, capsys, tmp_path, tiny_teacher)
     _has(msg, "distill.soft_weight=1.0", "tokenizers differ", "distill.soft_weight=0")
 
 
+def test_lora_targets_that_match_nothing(tmp_path, capsys):
+    """Found when fine-tuning loads the teacher; a changed teacher config would re-run `run`'s evaluation,
+    so this case has a run folder of its own."""
+    capsys.readouterr()
+    code = main(["run", *FAST, "pipeline.stages=[finetune_teacher]", "finetune=quick", f"run.root={tmp_path}",
+                 "run.name=L", "teacher.lora.target_modules=[nope]"])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err, err[-3000:]
+    _has(" ".join(err.split()), "teacher.lora.target_modules=['nope']", "no module matched", "q_proj", "down_proj")
+    assert not (tmp_path / "L" / ".lock").exists()
+
+
 def test_hub_model_offline(run, capsys):
     _has(_bad(run, capsys, "teacher=llama7b"), "teacher.hub_id='meta-llama/Llama-2-7b-hf'", "cannot be reached",
          "teacher.path=", "teacher=smollm2-135m", "teacher=tiny-random")
@@ -235,14 +231,3 @@ def test_disk_full_while_writing_a_stage(run, capsys, monkeypatch):
     msg = _bad(run, capsys, "data.eval_size=30")  # a changed config: evaluate runs again, then the disk is full
     _has(msg, "disk full while writing", "metrics.json", "free space or set run.root=", "finished stages are kept")
     monkeypatch.setattr(artifact, "write_json", real)
-
-
-# --------------------------------------------------------------------------- the gate
-
-
-def test_check_on_a_missing_run(run, tmp_path, capsys):
-    capsys.readouterr()
-    code = main(["check", str(tmp_path / "no-such-run"), "--min-retention", "0.9"])
-    err = " ".join(capsys.readouterr().err.split())
-    assert code == 2 and "Traceback" not in err
-    _has(err, "no-such-run")

@@ -81,12 +81,14 @@ def test_bad_input_exits_2_and_keeps_what_was_saved(first_run, overrides, needle
 
 def test_eval_command_scores_a_stage_model_folder(first_run, tmp_path):
     run, _ = first_run
-    teacher_path = json.loads((run / "results.json").read_text())["records"][0]["path"]
+    teacher = json.loads((run / "results.json").read_text())["records"][0]
     out = tmp_path / "eval.json"
-    proc = cli("eval", teacher_path, *TINY, f"--out={out}")
+    proc = cli("eval", teacher["path"], *TINY, f"--out={out}")
     assert proc.returncode == 0, proc.stderr
     record = json.loads(out.read_text())["records"][0]
-    assert record["accuracy"] >= 0 and record["decode_tok_s"] > 0
+    # the same model on the same data and settings scores as it did in the run's evaluate stage
+    assert (record["accuracy"], record["perplexity"]) == pytest.approx((teacher["accuracy"], teacher["perplexity"]))
+    assert record["path"] == teacher["path"] and record["decode_tok_s"] > 0
 
 
 def test_eval_of_a_missing_model_exits_2():

@@ -47,14 +47,27 @@ def test_adapter_and_merged_teacher_load_with_peft_and_transformers(full_run):
 
     run, _ = full_run
     ft = run / "01_finetune_teacher"
-    merged = AutoModelForCausalLM.from_pretrained(ft / "model")
+    cfg = load_config(QUICK).teacher
+    assert cfg.method == "qlora"
+    merged = AutoModelForCausalLM.from_pretrained(ft / "model").eval()
     base_dir = json.loads((run / "results.json").read_text())["records"][0]["path"]
-    base = AutoModelForCausalLM.from_pretrained(base_dir)
-    adapted = PeftModel.from_pretrained(base, ft / "adapter")
+    # the base the adapter was merged into (teachers/finetune.py::merged_teacher): NF4, de-quantized to fp32
+    device = loading.pick_device(cfg.device)
+    base = AutoModelForCausalLM.from_pretrained(base_dir, quantization_config=finetune.bnb_config(cfg, device),
+                                                dtype=torch.float32, device_map={"": str(device)})
+    base = base.dequantize().to(device="cpu", dtype=torch.float32)
+    with finetune.peft_sees_gptqmodel_only_if_imported():
+        adapted = PeftModel.from_pretrained(base, ft / "adapter").eval()
     assert adapted.peft_config["default"].r == 16
-    ids = torch.tensor([[5, 6, 7, 8]])
-    # the merged teacher is the adapter on the de-quantized base: close to, not equal to, the fp32 base + adapter
-    assert merged(ids).logits.shape == adapted(ids).logits.shape
+    ids = torch.randint(0, merged.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        m, a = merged(ids).logits, adapted(ids).logits
+        with adapted.disable_adapter():
+            b = adapted(ids).logits
+    # measured on CPU: merged vs base + adapter differ by 2.4e-7 (logits up to 0.66); the adapter itself moves
+    # them by 1.6e-2, and the fp32 (not de-quantized) base + adapter is 0.10 away
+    assert torch.allclose(m, a, atol=1e-5, rtol=0), (m - a).abs().max()
+    assert (a - b).abs().max() > 1e-3  # the adapter changes the logits: the comparison above is not vacuous
 
 
 def test_distill_logs_each_loss_term(full_run):
@@ -146,36 +159,6 @@ def test_lora_targets_that_match_nothing_list_the_linear_layers(tiny_teacher):
         finetune.lora_targets(model, cfg)
     msg = e.value.render()
     assert "no module matched" in msg and "q_proj" in msg and "down_proj" in msg
-
-
-@pytest.mark.parametrize("overrides, needles", [
-    (["distill.temperature=0"], ["distill.temperature=0", "must be > 0"]),
-    (["distill.temperature=-1.5"], ["distill.temperature=-1.5"]),
-    (["distill.soft_weight=0", "distill.pseudo_weight=0", "distill.hard_weight=0"], ["all 0"]),
-    (["distill.hidden_weight=0.5", "distill.topk_cache=8"], ["distill.topk_cache=8", "hidden_weight=0"]),
-    (["teacher.method=qat"], ["teacher.method='qat'", "qlora, lora, full"]),
-    (["teacher.lora.target_modules=[nope]"], ["no module matched", "q_proj"]),
-    (["teacher.device=cuda"], ["teacher.device='cuda'", "CUDA is not available"]),
-    (["student=tinyllama", "student.path=TEACHER"], ["distill.soft_weight=0"]),
-])
-def test_bad_training_input_exits_2(tmp_path, overrides, needles):
-    if "student.path=TEACHER" in overrides:  # a student whose tokenizer differs from the teacher's
-        from transformers import AutoTokenizer
-
-        src = loading.resolve(load_config(TINY).teacher, "teacher")
-        other = tmp_path / "student"
-        import shutil
-
-        shutil.copytree(src, other)
-        tok = AutoTokenizer.from_pretrained(other)
-        tok.add_tokens(["<new>"])
-        tok.save_pretrained(other)
-        overrides = ["student=tiny-random", f"student.path={other}"]
-    proc = cli("run", *QUICK, "pipeline=full", f"run.root={tmp_path}", "run.name=bad", *overrides)
-    assert proc.returncode == 2, proc.stderr[-3000:]
-    assert "Traceback" not in proc.stderr
-    for needle in needles:
-        assert needle in proc.stderr, (needle, proc.stderr[-3000:])
 
 
 @pytest.mark.parametrize("divergence", ["forward_kl", "reverse_kl", "jsd"])
