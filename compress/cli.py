@@ -52,7 +52,7 @@ def cmd_run(args) -> int:
         # processes that Lightning's DDP launcher starts run this command again: same name for them
         os.environ.setdefault("COMPRESS_RUN_NAME", time.strftime("%Y%m%d-%H%M%S"))
         OmegaConf.update(cfg, "run.name", os.environ["COMPRESS_RUN_NAME"])
-    preflight(cfg)  # bad config or data fails here, before any stage starts
+    preflight(cfg, {o.split("=", 1)[0].lstrip("+~") for o in args.overrides})  # fails here, before any stage
     if args.dry_run:
         out.print(OmegaConf.to_yaml(cfg))
         return 0
@@ -123,7 +123,9 @@ def cmd_plan(args) -> int:
 def _model_source(spec: str) -> dict:
     """MODEL as a stage folder (its model/), a model folder, a .gguf file, or a hub id."""
     path = Path(spec).expanduser()
-    source = {"name": spec, "random": None, "gguf_package": None, "gguf_file": None, "hub_id": None, "path": None}
+    from compress.config import model_name
+
+    source = {"name": model_name(spec) if Path(spec).expanduser().exists() else spec, "random": None, "gguf_package": None, "gguf_file": None, "hub_id": None, "path": None}
     if (path / "model").is_dir():
         source["path"] = str(path / "model")
     elif path.exists() or spec.endswith(".gguf") or spec.startswith((".", "/", "~")):
@@ -149,7 +151,7 @@ def cmd_check(args) -> int:
 
     run = Path(args.run)
     stage, rows = gate.checks(run, args.min_retention, args.stage, Path(args.baseline) if args.baseline else None,
-                              args.max_drop)
+                              args.max_drop, args.max_perplexity_ratio)
     out.print(gate.table(run, stage, rows))
     return 0 if all(c.passed for c in rows) else 1
 
@@ -199,6 +201,9 @@ def parser() -> argparse.ArgumentParser:
             sp.add_argument("--baseline", metavar="OTHER_RUN", help="also compare accuracy with this run's same stage")
             sp.add_argument("--max-drop", type=float, default=0.01,
                             help="largest allowed accuracy fall against --baseline (default 0.01)")
+            sp.add_argument("--max-perplexity-ratio", type=float, metavar="R",
+                            help="also fail when a student's perplexity exceeds R x the reference teacher's "
+                            "(language ability: 1.5 allows 50%% more)")
         if name == "bench":
             sp.add_argument("model", metavar="MODEL", help="model folder, a run's stage folder (its model/) or a "
                             ".gguf file (llama.cpp)")

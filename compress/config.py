@@ -56,7 +56,39 @@ def load_config(overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
                    {str(i): p for i, p in enumerate(problems)})
     if bad:
         raise CompressError(list(bad.values()), "bad overrides")
+    _name_models(cfg, {o.split("=", 1)[0].lstrip("+~") for o in overrides})
     return cfg
+
+
+def model_name(path: str | Path) -> str:
+    """What a user calls a model given by path: a GGUF file's `general.name`, else the folder's name (for a
+    run's stage folder, `run/stage`)."""
+    path = Path(path).expanduser()
+    if path.suffix == ".gguf" and path.is_file():
+        try:
+            from gguf import GGUFReader
+
+            field = GGUFReader(path).fields.get("general.name")
+            if field is not None:
+                return bytes(field.parts[field.data[0]]).decode("utf-8", "replace")
+        except Exception:  # an unreadable file fails later, where it is loaded, with a clear message
+            pass
+        return path.stem
+    path = path.resolve()
+    return f"{path.parent.parent.name}/{path.parent.name}" if path.name == "model" else path.name
+
+
+def _name_models(cfg, given: set[str]) -> None:
+    """A model given by `teacher.path=` / `student.path=` is called after its file or folder (unless
+    `*.name=` was given too), in every log line, record and plot; a student cut from such a teacher is
+    `<teacher>-slim`."""
+    with open_dict(cfg):
+        for role in ("teacher", "student"):
+            if cfg[role].path and f"{role}.name" not in given:
+                cfg[role].name = model_name(cfg[role].path)
+        if "teacher.path" in given and cfg.student.from_teacher and not cfg.student.path \
+                and "student.name" not in given:
+            cfg.student.name = f"{cfg.teacher.name}-slim"
 
 
 MAP_FIELDS = ("data.verbalizers",)

@@ -185,13 +185,47 @@ def truncate(text: str, max_chars: int) -> str:
     return cut[: cut.rfind(" ")] if " " in cut else cut
 
 
-def load_splits(cfg) -> Splits:
-    """Read the task, check it, and cut disjoint train/unlabeled/eval splits with `cfg.seed`."""
+SIZES = ("eval_size", "train_size", "unlabeled_size")
+
+
+def read_examples(cfg) -> tuple[list[str], list[str | None]]:
+    """The task's texts and labels, truncated to `max_chars`, repeated texts dropped."""
     path = data_path(cfg)
     texts, labels = READERS[cfg.format](path, cfg)
     if not texts:
         raise CompressError(Problem("data.path", str(path or cfg.hub_id), "the data holds no examples"))
-    texts, labels = _dedupe([truncate(t, cfg.max_chars) for t in texts], labels)
+    return _dedupe([truncate(t, cfg.max_chars) for t in texts], labels)
+
+
+def fit_sizes(cfg, available: int, trains: bool, given: set[str]) -> tuple[dict[str, int], str | None]:
+    """Split sizes that fit `available` examples, and what was changed (None: nothing).
+
+    A pipeline that trains nothing needs no train or unlabeled split. Sizes the user set (`given`, e.g.
+    {"eval_size"}) are kept, and are an error when the data cannot meet them; the others, preset
+    defaults, shrink in proportion to fit."""
+    sizes = {k: cfg[k] for k in SIZES}
+    if not trains:
+        sizes.update({k: 0 for k in ("train_size", "unlabeled_size") if k not in given})
+    if sum(sizes.values()) <= available:
+        return sizes, None if sizes == {k: cfg[k] for k in SIZES} else "this pipeline trains nothing: no train " \
+            "or unlabeled split"
+    fixed = {k: v for k, v in sizes.items() if k in given}
+    free = {k: v for k, v in sizes.items() if k not in given and v > 0}
+    if not free or sum(fixed.values()) >= available:
+        raise CompressError(Problem("data." + "/".join(fixed), fixed, f"the data has {available} examples, not "
+                                    f"enough for the sizes you set ({sum(fixed.values())})"
+                                    + (" and the other splits" if free else "") + "; lower them"))
+    fixed = sum(fixed.values())
+    scale = (available - fixed) / sum(free.values())
+    for k, v in free.items():
+        sizes[k] = max(1, int(v * scale)) if k == "eval_size" else int(v * scale)
+    return sizes, (f"the data has {available} examples, fewer than the preset's sizes: "
+                   f"{', '.join(f'{k} {cfg[k]} -> {sizes[k]}' for k in free)} (in proportion; set data.*_size to choose)")
+
+
+def load_splits(cfg) -> Splits:
+    """Read the task, check it, and cut disjoint train/unlabeled/eval splits with `cfg.seed`."""
+    texts, labels = read_examples(cfg)
     labelled = cfg.format != "text"
     verbalizers = _verbalizers(cfg, labels) if labelled else {}
     order = list(range(len(texts)))
@@ -201,7 +235,8 @@ def load_splits(cfg) -> Splits:
     if len(examples) < need:
         raise CompressError(Problem("data.eval_size", cfg.eval_size,
                                     f"the data has {len(examples)} examples but eval_size + train_size + "
-                                    f"unlabeled_size = {need}; lower the sizes"))
+                                    f"unlabeled_size = {need}; lower the sizes (sizes you leave at the preset's "
+                                    "default shrink to fit by themselves)"))
     ev = examples[: cfg.eval_size]
     train = examples[cfg.eval_size: cfg.eval_size + cfg.train_size]
     unlabeled = [Example(e.text) for e in examples[cfg.eval_size + cfg.train_size: need]]

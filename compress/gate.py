@@ -58,13 +58,16 @@ def pick(records: list[Record], stage: str | None, run_dir: Path) -> tuple[str, 
 
 
 def checks(run_dir: Path, min_retention: float, stage: str | None = None, baseline: Path | None = None,
-           max_drop: float = 0.01) -> tuple[str, list[Check]]:
+           max_drop: float = 0.01, max_perplexity_ratio: float | None = None) -> tuple[str, list[Check]]:
     """Load the run (and baseline) and evaluate every rule; bad input raises CompressError."""
     problems = []
     if not 0 < min_retention <= 2:
         problems.append(Problem("--min-retention", min_retention, "must be in (0, 2], e.g. 0.9 for 90%"))
     if max_drop < 0:
         problems.append(Problem("--max-drop", max_drop, "must be >= 0, e.g. 0.01 for one accuracy point"))
+    if max_perplexity_ratio is not None and not max_perplexity_ratio > 0:
+        problems.append(Problem("--max-perplexity-ratio", max_perplexity_ratio, "must be > 0, e.g. 1.5 for a "
+                                "student at most 50% more perplexed than the teacher"))
     if problems:
         raise CompressError(problems)
     records = [Record.from_dict(r) for r in results.load(run_dir)["records"]]
@@ -78,6 +81,12 @@ def checks(run_dir: Path, min_retention: float, stage: str | None = None, baseli
             raise CompressError(Problem("--stage", stage, f"{name} has no retention (no accuracy measured, or no "
                                         "teacher accuracy): run with eval.accuracy=true"))
         out.append(Check(name, f"retention >= {min_retention:.3f}", f"{ret:.3f}", ret >= min_retention))
+        if max_perplexity_ratio is not None:
+            if r.perplexity_ratio is None:
+                raise CompressError(Problem("--max-perplexity-ratio", max_perplexity_ratio, f"{name} has no "
+                                            "perplexity ratio: run with eval.perplexity=true"))
+            out.append(Check(name, f"perplexity / teacher <= {max_perplexity_ratio:g}", f"{r.perplexity_ratio:.4g}",
+                             r.perplexity_ratio <= max_perplexity_ratio))
         if base_records is not None:
             out.append(_drop_check(name, r, base_records, baseline, max_drop))
     return stage, out

@@ -70,6 +70,8 @@ class OnnxLM:
     kv_heads: int
     head_dim: int
     vocab: int
+    positions: bool = True
+    """Whether the graph takes `position_ids` (optimum's Gemma-2 export computes them itself)."""
 
     @classmethod
     def open(cls, folder: Path, threads: int | None = None, graph_level: str = "all") -> "OnnxLM":
@@ -79,7 +81,8 @@ class OnnxLM:
             raise CompressError(Problem("model", str(folder), "this ONNX graph has no KV-cache inputs; export it "
                                         "with task text-generation-with-past"))
         vocab = next(o for o in sess.get_outputs() if o.name == "logits").shape[-1]
-        return cls(sess, [p.name for p in past], int(past[0].shape[1]), int(past[0].shape[3]), int(vocab))
+        return cls(sess, [p.name for p in past], int(past[0].shape[1]), int(past[0].shape[3]), int(vocab),
+                   any(i.name == "position_ids" for i in sess.get_inputs()))
 
     def empty_past(self, batch: int) -> dict[str, np.ndarray]:
         return {n: np.zeros((batch, self.kv_heads, 0, self.head_dim), np.float32) for n in self.past_names}
@@ -92,7 +95,9 @@ def logits_fn(lm: OnnxLM):
         ids = input_ids.cpu().numpy().astype(np.int64)  # (B, T)
         mask = attention_mask.cpu().numpy().astype(np.int64)  # (B, T)
         pos = np.clip(mask.cumsum(-1) - 1, 0, None)  # (B, T)
-        feed = {"input_ids": ids, "attention_mask": mask, "position_ids": pos, **lm.empty_past(ids.shape[0])}
+        feed = {"input_ids": ids, "attention_mask": mask, **lm.empty_past(ids.shape[0])}
+        if lm.positions:
+            feed["position_ids"] = pos
         out = lm.sess.run(["logits"], feed)[0]  # (B, T, V)
         return torch.from_numpy(out if positions is None else out[:, positions])  # (B, K, V)
 
@@ -115,7 +120,8 @@ class Decoder:
         lm, b = self.lm, self.lm.sess.io_binding()
         t = ids.shape[1]
         b.bind_cpu_input("input_ids", ids)
-        b.bind_cpu_input("position_ids", pos)
+        if lm.positions:
+            b.bind_cpu_input("position_ids", pos)
         b.bind_cpu_input("attention_mask", self.mask[:, : past_len + t])
         shape_in, shape_out = (1, lm.kv_heads, past_len, lm.head_dim), (1, lm.kv_heads, past_len + t, lm.head_dim)
         n_in, n_out = int(np.prod(shape_in)), int(np.prod(shape_out))

@@ -28,11 +28,14 @@ from compress.training import trainer_problems
 
 TRAINS = {"finetune_teacher", "distill", "prune"}
 """Stages that build a Lightning Trainer (prune: its recovery distillation)."""
+USES_TRAIN_DATA = TRAINS | {"quantize"}
+"""Stages that read the train or unlabeled split (quantize: GPTQ calibration)."""
 
 
-def preflight(cfg) -> None:
+def preflight(cfg, given: set[str] = frozenset()) -> None:
     """Every check that can fail before a stage starts, all problems at once: the shared config, every
-    stage's own section, the pipeline's roles, the data, and what the listed stages need to run here."""
+    stage's own section, the pipeline's roles, the data (its split sizes fitted: `fit_data`), and what
+    the listed stages need to run here. `given`: the keys the user set on the command line."""
     from compress.data import load_splits
 
     problems = validate.problems(cfg)
@@ -42,10 +45,25 @@ def preflight(cfg) -> None:
     if TRAINS & set(cfg.pipeline.stages) and not any(p.key.startswith("trainer.") for p in problems):
         problems += trainer_problems(cfg.trainer)  # what Lightning itself refuses on this machine
     raise_if(problems, "invalid configuration")
+    fit_data(cfg, given)
     load_splits(cfg.data)
     for name in dict.fromkeys(cfg.pipeline.stages):
         problems += STAGES[name].preflight(cfg)
     raise_if(problems, "the pipeline cannot run")
+
+
+def fit_data(cfg, given: set[str] = frozenset()) -> None:
+    """Set the split sizes the data and this pipeline allow (in `cfg.data`, before any stage hashes it): no
+    train or unlabeled split when nothing trains; preset sizes shrunk in proportion for a small file."""
+    from compress.data import fit_sizes, read_examples
+
+    trains = bool(USES_TRAIN_DATA & set(cfg.pipeline.stages))
+    sizes, change = fit_sizes(cfg.data, len(read_examples(cfg.data)[0]), trains,
+                              {k.split(".", 1)[1] for k in given if k.startswith("data.")})
+    if change:
+        say(f"  data: {change}")
+        for k, v in sizes.items():
+            OmegaConf.update(cfg, f"data.{k}", v)
 
 
 def role_problems(stages: list[str]) -> list[Problem]:

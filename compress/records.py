@@ -46,13 +46,16 @@ class Record:
     """accuracy / the base teacher's (of `evaluate`); set by `relate`."""
     speedup: float | None = None
     """decode tok/s / the base teacher's, measured in the same run; set by `relate`."""
+    perplexity_ratio: float | None = None
+    """perplexity / the reference teacher's: how much of its language ability survived (1 = all; a student
+    at 1e6 no longer writes text); set by `relate`."""
     extra: dict = field(default_factory=dict)
     """Stage-specific figures (parity, quantization time, notes), flattened into the JSON."""
 
     @classmethod
     def of(cls, stage: str, role: str, model: str, measured: dict, **what) -> "Record":
         """A record from a measurement dict (`evaluate_fns` and friends); unknown keys go to `extra`."""
-        known = {f.name for f in fields(cls)} - {"extra", "retention", "retention_base", "speedup"}
+        known = {f.name for f in fields(cls)} - {"extra", "retention", "retention_base", "speedup", "perplexity_ratio"}
         data = {**measured, **what}
         data.pop("predictions", None)
         extra = {k: v for k, v in data.items() if k not in known}
@@ -89,14 +92,16 @@ def ratio(a: float | None, b: float | None) -> float | None:
 
 
 def relate(records: list[Record]) -> dict:
-    """Set retention, retention_base and speedup of every record (in place), against this run's
-    teachers: the reference is the last teacher with an accuracy, the base the `evaluate` stage's.
+    """Set retention, retention_base, speedup and perplexity_ratio of every record (in place), against this
+    run's teachers: the reference is the last teacher measured (with an accuracy, if any has one), the base
+    the `evaluate` stage's.
     Returns both teachers' identities for the results header."""
     teachers = [r for r in records if r.role == "teacher"]
     base = next((r for r in teachers if r.stage == "evaluate"), teachers[0] if teachers else None)
-    ref = next((r for r in reversed(teachers) if r.accuracy is not None), None)
+    ref = next((r for r in reversed(teachers) if r.accuracy is not None), teachers[-1] if teachers else None)
     for r in records:
         r.retention = ratio(r.accuracy, ref.accuracy) if ref else None
+        r.perplexity_ratio = ratio(r.perplexity, ref.perplexity) if ref else None
         r.retention_base = ratio(r.accuracy, base.accuracy) if base else None
         r.speedup = ratio(r.decode_tok_s, base.decode_tok_s) if base else None
     who = lambda r: None if r is None else {k: getattr(r, k) for k in ("stage", "model", "variant", "backend",  # noqa: E731

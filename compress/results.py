@@ -25,12 +25,12 @@ from compress.records import Record, relate
 COLUMNS = [  # (record key, header, format)
     ("stage", "stage", "{}"), ("role", "model", "{}"), ("variant", "form", "{}"), ("backend", "backend", "{}"),
     ("accuracy", "acc", "{:.3f}"), ("retention", "retention", "{:.3f}"), ("retention_base", "ret. base", "{:.3f}"), ("agreement", "agree", "{:.3f}"),
-    ("perplexity", "ppl", "{:.4g}"), ("prefill_ms", "prefill ms", "{:.1f}"), ("decode_tok_s", "decode tok/s", "{:.1f}"),
+    ("perplexity", "ppl", "{:.4g}"), ("perplexity_ratio", "ppl / teacher", "{:.3g}"), ("prefill_ms", "prefill ms", "{:.1f}"), ("decode_tok_s", "decode tok/s", "{:.1f}"),
     ("speedup", "speed up", "{:.2f}x"), ("size_mb", "size MB", "{:.1f}"), ("params", "params M", "{:.2f}"),
     ("peak_mem_mb", "peak MB", "{:.0f}"), ("stage_wall_s", "stage s", "{:.0f}"),
 ]
 CSV_FIELDS = ["stage", "role", "model", "variant", "output", "backend", "accuracy", "retention", "retention_base", "agreement",
-              "perplexity", "prefill_ms", "decode_tok_s", "speedup", "size_mb", "params", "peak_mem_mb",
+              "perplexity", "perplexity_ratio", "prefill_ms", "decode_tok_s", "speedup", "size_mb", "params", "peak_mem_mb",
               "stage_wall_s", "path"]
 
 

@@ -58,7 +58,10 @@ class ModelConfig:
     gguf_file: Optional[str] = None
     """File name of that GGUF copy inside `gguf_package`."""
     random: Optional[RandomInit] = None
-    """Build a Llama model with random weights and this shape instead of loading one."""
+    """Build a model with random weights and this shape instead of loading one."""
+    architecture: str = "llama"
+    """The model class of a random model (`random`): llama, mistral, qwen2, qwen3, phi3 or gemma2, each the
+    real transformers class at a tiny shape."""
     dtype: str = "auto"
     """auto (bf16 on a GPU that supports it, else fp32), float32, bfloat16 or float16."""
     device: str = "auto"

@@ -70,6 +70,11 @@ def _model(m, role: str) -> list[Problem]:
     elif m.device.startswith("cuda") and not torch.cuda.is_available():
         problems.append(Problem(f"{role}.device", m.device, "CUDA is not available on this machine; "
                                 "use auto or cpu"))
+    from teachers.loading import ARCHITECTURES
+
+    if m.random is not None and m.architecture not in ARCHITECTURES:
+        problems.append(Problem(f"{role}.architecture", m.architecture, f"a random model is built as one of: "
+                                f"{', '.join(ARCHITECTURES)}"))
     if m.random is not None:
         r = m.random
         for k in ("num_layers", "hidden_size", "num_heads", "num_kv_heads", "intermediate_size", "max_positions"):

@@ -42,8 +42,9 @@ def check(model, pcfg) -> None:
     """Everything about `prune` that needs the model: targets, heads, layers; every problem at once."""
     c, problems = model.config, []
     linears = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+    fused = any(n.endswith("mlp.gate_up_proj") for n in linears)  # Phi-3: gate and up in one projection
     for t in pcfg.targets:
-        if not any(_matches(n, t) for n in linears):
+        if not any(_matches(n, t) for n in linears) and not (fused and t in ("gate_proj", "up_proj")):
             problems.append(Problem("prune.targets", t, "no module matched this target; the model's linear "
                                     f"layers are: {', '.join(linear_names(model))}"))
     if not all(hasattr(c, k) for k in ("intermediate_size", "num_attention_heads", "num_hidden_layers")) \
@@ -55,7 +56,11 @@ def check(model, pcfg) -> None:
     if bad or len(set(pcfg.drop_layers)) >= c.num_hidden_layers:
         problems.append(Problem("prune.drop_layers", list(pcfg.drop_layers), f"need distinct indices in "
                                 f"[0, {c.num_hidden_layers - 1}], keeping at least one layer"))
-    if pcfg.heads != "none" and pcfg.head_ratio > 0 and _heads_removed(c, pcfg) == 0:
+    if pcfg.heads != "none" and pcfg.head_ratio > 0 and any(n.endswith("qkv_proj") for n in linears):
+        problems.append(Problem("prune.heads", pcfg.heads, f"{type(model).__name__} fuses q, k and v in one "
+                                "projection (qkv_proj), which head pruning does not split; set prune.heads=none "
+                                "(MLP units and whole layers prune fine)"))
+    elif pcfg.heads != "none" and pcfg.head_ratio > 0 and _heads_removed(c, pcfg) == 0:
         problems.append(Problem("prune.head_ratio", pcfg.head_ratio, f"removes no whole head with {_head_desc(c)}; "
                                 "raise it, or set prune.heads=none"))
     raise_if(problems, "bad prune settings")
@@ -134,6 +139,45 @@ def prune_mlp(model, pcfg, example: torch.Tensor) -> int:
     return model.config.intermediate_size
 
 
+def kept_width(n: int, ratio: float, round_to: int) -> int:
+    """MLP units kept of `n` when `ratio` of them go, rounded down to a multiple of `round_to` (at least one)."""
+    keep = n - int(n * ratio)
+    return max(round_to, keep - keep % round_to) if round_to < n else keep
+
+
+def prune_fused_mlp(model, pcfg) -> int:
+    """Phi-3's fused MLP: `gate_up_proj` holds the gate rows, then the up rows. Remove the same units from
+    both halves and the matching columns of `down_proj`, ranked by importance summed over the three
+    (torch-pruning's graph sees one layer, not two halves); return the new width."""
+    n = model.config.intermediate_size
+    keep_n = kept_width(n, pcfg.mlp_ratio, pcfg.round_to)
+    for layer in model.model.layers:
+        gate_up, down = layer.mlp.gate_up_proj, layer.mlp.down_proj
+        rows = _score(gate_up.weight, pcfg.importance, 1)  # (2n,)
+        score = rows[:n] + rows[n:] + _score(down.weight, pcfg.importance, 0)  # (n,)
+        keep = score.argsort(descending=True)[:keep_n].sort().values  # (keep_n,)
+        layer.mlp.gate_up_proj = _rows(gate_up, torch.cat([keep, keep + n]))
+        layer.mlp.down_proj = _columns(down, keep)
+    model.config.intermediate_size = keep_n
+    return keep_n
+
+
+def _rows(linear: torch.nn.Linear, idx: torch.Tensor) -> torch.nn.Linear:
+    new = torch.nn.Linear(linear.in_features, len(idx), bias=linear.bias is not None, dtype=linear.weight.dtype)
+    new.weight.data = linear.weight.data[idx].clone()
+    if linear.bias is not None:
+        new.bias.data = linear.bias.data[idx].clone()
+    return new
+
+
+def _columns(linear: torch.nn.Linear, idx: torch.Tensor) -> torch.nn.Linear:
+    new = torch.nn.Linear(len(idx), linear.out_features, bias=linear.bias is not None, dtype=linear.weight.dtype)
+    new.weight.data = linear.weight.data[:, idx].clone()
+    if linear.bias is not None:
+        new.bias.data = linear.bias.data.clone()
+    return new
+
+
 def prune_heads(model, pcfg, scores: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
     """Remove query heads within every KV group, or whole KV groups; update the config."""
     import torch_pruning as tp
@@ -185,7 +229,9 @@ def prune(model, tok, cfg, splits) -> dict:
     d = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
     scores = [head_scores(layer.self_attn, p.importance, d) for layer in model.model.layers] \
         if p.heads != "none" and p.head_ratio > 0 else None
-    if p.mlp_ratio > 0:
+    if p.mlp_ratio > 0 and hasattr(model.model.layers[0].mlp, "gate_up_proj"):
+        prune_fused_mlp(model, p)
+    elif p.mlp_ratio > 0:
         prune_mlp(model, p, torch.tensor([tok("Hello world")["input_ids"]]))
     if scores is not None:
         say("  [yellow]heads pruned[/]: config.head_dim is kept explicit; optimum's ONNX export derives "

@@ -50,7 +50,7 @@ def resolve(cfg, role: str) -> Path:
             return convert_gguf(path, f"{role}.path")
         return check_folder(path, f"{role}.path", cfg.allow_pickle)
     if cfg.random is not None:
-        return build_random(cfg.random)
+        return build_random(cfg.random, cfg.architecture)
     if cfg.hub_id:
         return _from_hub(cfg, role)
     raise CompressError(Problem(f"{role}.hub_id", None, f"the {role} has no source: set {role}.hub_id, "
@@ -144,27 +144,41 @@ def convert_gguf(gguf: Path, key: str) -> Path:
     return build_once(cache_root() / "gguf" / f"{gguf.stem}-{digest}", build)
 
 
-def build_random(shape) -> Path:
-    """A Llama with random weights and a byte-level tokenizer, built once per shape and seed."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma2")
+"""Decoder families a random model can be built as (transformers' own classes)."""
+
+
+def build_random(shape, architecture: str = "llama") -> Path:
+    """A model of `architecture` with random weights and a byte-level tokenizer, built once per shape and
+    seed (untied head, head_dim = hidden / heads, as every family's checks expect)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     spec = _plain(shape)
 
     def build(tmp: Path) -> None:
         tok = byte_tokenizer()
-        config = LlamaConfig(
-            vocab_size=len(tok), hidden_size=spec["hidden_size"], num_hidden_layers=spec["num_layers"],
-            num_attention_heads=spec["num_heads"], num_key_value_heads=spec["num_kv_heads"],
+        head_dim = spec["hidden_size"] // spec["num_heads"]
+        config = AutoConfig.for_model(
+            architecture, vocab_size=len(tok), hidden_size=spec["hidden_size"], num_hidden_layers=spec["num_layers"],
+            num_attention_heads=spec["num_heads"], num_key_value_heads=spec["num_kv_heads"], head_dim=head_dim,
             intermediate_size=spec["intermediate_size"], max_position_embeddings=spec["max_positions"],
             bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
-            tie_word_embeddings=False,
-        )
+            tie_word_embeddings=False, **FAMILY_SETTINGS.get(architecture, {}))
+        if architecture == "gemma2":
+            config.query_pre_attn_scalar = head_dim
         torch.manual_seed(spec["seed"])
-        LlamaForCausalLM(config).save_pretrained(tmp, safe_serialization=True)
+        AutoModelForCausalLM.from_config(config).save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
 
     key = text_hash(json.dumps(spec, sort_keys=True))[:16]
-    return build_once(cache_root() / "random" / f"llama-{key}", build)
+    return build_once(cache_root() / "random" / f"{architecture}-{key}", build)
+
+
+FAMILY_SETTINGS = {  # what a tiny model of the family needs beyond the shape
+    "phi3": {"original_max_position_embeddings": 2048},
+    "gemma2": {"sliding_window": 64},
+    "mistral": {"sliding_window": None},
+}
 
 
 def byte_tokenizer():

@@ -84,3 +84,35 @@ def test_sizes_larger_than_the_data():
     with pytest.raises(CompressError) as e:
         load_splits(_data(f"data.path={RT_CSV}", "data.eval_size=100000"))
     assert "data.eval_size" in e.value.render() and "lower the sizes" in e.value.render()
+
+
+def test_split_sizes_fit_the_data_and_the_pipeline():
+    from compress.data import fit_sizes
+
+    cfg = _data(f"data.path={RT_CSV}")  # preset sizes: 500 eval, 2,000 train, 3,600 unlabeled
+    assert fit_sizes(cfg, 2289, trains=False, given=set()) == (
+        {"eval_size": 500, "train_size": 0, "unlabeled_size": 0}, "this pipeline trains nothing: no train or "
+        "unlabeled split")  # a BIG-bench task of 2,289 examples, evaluated
+    sizes, note = fit_sizes(cfg, 2289, trains=True, given=set())
+    assert sizes == {"eval_size": 187, "train_size": 750, "unlabeled_size": 1350} and "in proportion" in note
+    sizes, _ = fit_sizes(cfg, 2289, trains=True, given={"eval_size"})
+    assert sizes["eval_size"] == 500 and sum(sizes.values()) <= 2289  # what the user set is kept
+    with pytest.raises(CompressError) as e:
+        fit_sizes(cfg, 400, trains=False, given={"eval_size"})
+    assert "data.eval_size" in e.value.render() and "400 examples" in e.value.render()
+    assert fit_sizes(cfg, 10_000, trains=True, given=set()) == ({"eval_size": 500, "train_size": 2000,
+                                                                  "unlabeled_size": 3600}, None)
+
+
+def test_bigbench_task_smaller_than_the_presets_evaluates(tmp_path):
+    """2,289 examples, pipeline=evaluate: no train split is needed, so all 500 eval examples are used."""
+    from compress.cli import main
+
+    rows = [{"input": f"claim {i}", "target_scores": {"yes": i % 2, "no": 1 - i % 2}} for i in range(2289)]
+    task = tmp_path / "task.json"
+    task.write_text(json.dumps({"examples": rows}))
+    args = ["run", "teacher=tiny-random", "student=tiny-random", "data=bigbench", f"data.path={task}", "eval=quick",
+            "eval.latency=false", "eval.perplexity=false", "pipeline=evaluate", f"run.root={tmp_path}", "run.name=B"]
+    assert main(args) == 0
+    metrics = json.loads((tmp_path / "B" / "00_evaluate" / "metrics.json").read_text())
+    assert metrics["splits"]["eval"] == 500 and metrics["splits"]["train"] == 0

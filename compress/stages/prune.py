@@ -10,6 +10,7 @@ What is removed and how importance is scored: `students/prune.py`.
 """
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -55,6 +56,19 @@ def check(cfg) -> list[Problem]:
     if any(i < 0 for i in p.drop_layers):
         problems.append(Problem("prune.drop_layers", list(p.drop_layers), "layer indices are 0-based (>= 0)"))
     return problems
+
+
+def preflight(cfg) -> list[Problem]:
+    """In the pipeline: what the student's family cannot do (Phi-3 fuses q, k and v: no head pruning)."""
+    p = cfg.prune
+    if p.heads == "none" or p.head_ratio == 0:
+        return []
+    role = "teacher" if cfg.student.from_teacher and not cfg.student.path else "student"  # whose family it is
+    config = json.loads((loading.resolve(cfg[role], role) / "config.json").read_text())
+    if config.get("model_type") == "phi3":
+        return [Problem("prune.heads", p.heads, "the student is a Phi-3, whose fused qkv_proj head pruning does not "
+                        "split; set prune.heads=none (MLP units and whole layers prune fine)")]
+    return []
 
 
 def run(cfg, src: Artifact, out: Path) -> dict:
