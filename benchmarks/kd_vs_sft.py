@@ -42,11 +42,11 @@ def teacher_run(overrides: list[str], root: Path, name: str):
     """Run evaluate -> finetune_teacher in root/teacher (skipped when already done there, as any
     `compress run` rerun is); return (cfg, the finetune_teacher artifact)."""
     from compress.artifact import Artifact
-    from compress.config import load_config
+    from compress.config import given_keys, load_config
     from compress.pipeline import preflight, run_pipeline
 
     cfg = load_config(overrides + ["pipeline=full", f"run.root={root}", f"run.name={name}"])
-    preflight(cfg)
+    preflight(cfg, given_keys(overrides))
     cfg.pipeline.stages = ["evaluate", "finetune_teacher"]
     run = run_pipeline(cfg)
     return cfg, Artifact.load(run / "01_finetune_teacher")
@@ -58,7 +58,8 @@ def train_variant(cfg, src, name: str) -> dict:
 
     from omegaconf import OmegaConf
 
-    from students import distill
+    from compress.records import ratio
+    from compress.stages import distill
 
     cfg = copy.deepcopy(cfg)
     for key, value in VARIANTS[name].items():
@@ -68,9 +69,10 @@ def train_variant(cfg, src, name: str) -> dict:
     out.mkdir(parents=True)
     t0 = time.perf_counter()
     metrics = distill.run(cfg, src, out)
-    record = metrics["records"][0]
+    record, teacher = metrics["records"][0], src.teacher()
     return {"variant": name, "accuracy": record["accuracy"], "agreement": record["agreement"],
-            "retention": record["retention"], "retention_base": record["retention_base"],
+            "retention": ratio(record["accuracy"], teacher["accuracy"]),
+            "retention_base": ratio(record["accuracy"], teacher["base_accuracy"]),
             "perplexity": record.get("perplexity"), "train_examples": metrics["train_items"],
             "wall_s": time.perf_counter() - t0}
 

@@ -26,7 +26,7 @@ def main() -> None:
     args = p.parse_args()
     sys.path.insert(0, str(ROOT))
     from compress.cli import _quiet
-    from compress.config import load_config
+    from compress.config import given_keys, load_config
     from compress.console import say
     from compress.pipeline import preflight, run_pipeline
 
@@ -34,7 +34,7 @@ def main() -> None:
     overrides = args.overrides if any(o.startswith("run.name=") for o in args.overrides) \
         else ["run.name=pipeline_tradeoff", *args.overrides]
     cfg = load_config(overrides)
-    preflight(cfg)
+    preflight(cfg, given_keys(overrides))
     t0 = time.perf_counter()
     run = run_pipeline(cfg)  # prints the results table, writes results.json/csv and the report
     res = json.loads((run / "results.json").read_text())

@@ -52,12 +52,16 @@ class Artifact:
         return self._role("student")
 
     def _role(self, name: str) -> dict | None:
+        if self.path is None:  # the start of a run: no model yet
+            return None
         metrics = self.metrics()
         role = metrics.get("roles", {}).get(name)
-        if role is None and name == "teacher" and "reference" in metrics:  # artifacts made before roles
-            role = {**metrics["reference"], "path": metrics["reference"]["teacher"]}
-        if role is None and name == "student" and (self.path / "model").is_dir():
-            role = {"path": "model", "name": None}
+        if "roles" not in metrics:  # an artifact made before roles were explicit
+            if name == "teacher" and "reference" in metrics:
+                role = {**metrics["reference"], "path": metrics["reference"]["teacher"]}
+            made_student = self.manifest.get("stage") in ("distill", "prune", "quantize")
+            if name == "student" and made_student and (self.path / "model").is_dir():
+                role = {"path": "model", "name": None}
         if role is None:
             return None
         return {**role, "path": str((self.path / role["path"]).resolve())}

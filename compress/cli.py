@@ -39,7 +39,7 @@ def _quiet() -> None:
 def cmd_run(args) -> int:
     from omegaconf import OmegaConf
 
-    from compress.config import load_config
+    from compress.config import given_keys, load_config
     from compress.pipeline import preflight, run_pipeline
 
     from compress import dist
@@ -52,7 +52,7 @@ def cmd_run(args) -> int:
         # processes that Lightning's DDP launcher starts run this command again: same name for them
         os.environ.setdefault("COMPRESS_RUN_NAME", time.strftime("%Y%m%d-%H%M%S"))
         OmegaConf.update(cfg, "run.name", os.environ["COMPRESS_RUN_NAME"])
-    preflight(cfg, {o.split("=", 1)[0].lstrip("+~") for o in args.overrides})  # fails here, before any stage
+    preflight(cfg, given_keys(args.overrides))  # bad config or data fails here, before any stage starts
     if args.dry_run:
         out.print(OmegaConf.to_yaml(cfg))
         return 0

@@ -56,8 +56,13 @@ def load_config(overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
                    {str(i): p for i, p in enumerate(problems)})
     if bad:
         raise CompressError(list(bad.values()), "bad overrides")
-    _name_models(cfg, {o.split("=", 1)[0].lstrip("+~") for o in overrides})
+    _name_models(cfg, given_keys(overrides))
     return cfg
+
+
+def given_keys(overrides: list[str] | tuple[str, ...]) -> set[str]:
+    """The keys a user set on the command line (`data.eval_size=100` -> `data.eval_size`)."""
+    return {o.split("=", 1)[0].lstrip("+~") for o in overrides}
 
 
 def model_name(path: str | Path) -> str:

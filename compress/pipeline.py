@@ -22,6 +22,7 @@ from compress.console import out, say
 from compress.errors import CompressError, Problem, raise_if
 from compress.hub import text_hash
 from compress.lock import holder, run_lock
+from compress.measure import carry
 from compress.report import write_report
 from compress.stages import ROLES, STAGES, Stage
 from compress.training import trainer_problems
@@ -130,7 +131,7 @@ def run_pipeline(cfg) -> Path:
             identity = text_hash(stage.name + chash + src.identity)[:16]
             eval_hash = config_hash(cfg, ("eval",))
             if is_done(path, identity):
-                if stage.reevaluate is not None and Artifact.load(path).manifest.get("eval_hash") != eval_hash:
+                if Artifact.load(path).manifest.get("eval_hash") != eval_hash:
                     _reevaluate(cfg, stage, src, path, eval_hash)
                 else:
                     say(f"[green]✓[/] {path.name}: up to date, skipped (delete the folder or change its config to rerun)")
@@ -185,7 +186,10 @@ def _reevaluate(cfg, stage: Stage, src: Artifact, path: Path, eval_hash: str) ->
     """Only the evaluation settings changed: measure the finished stage's model again, in place."""
     say(f"[bold]▶ {path.name}[/]: evaluation settings changed, re-measuring its model (its work is kept)")
     artifact = Artifact.load(path)
-    metrics = {**artifact.metrics(), **stage.reevaluate(cfg, src, path)}
+    fresh = stage.reevaluate(cfg, src, path)
+    if "roles" not in fresh:  # the teacher it carries was re-measured upstream: carry it again
+        fresh["roles"] = carry(src, path, student=artifact.student())
+    metrics = {**artifact.metrics(), **fresh}
     write_json(path / "metrics.json", metrics)
     write_json(path / "manifest.json", {**artifact.manifest, "eval_hash": eval_hash})
 

@@ -8,9 +8,6 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, fields
 
-ROLES = ("teacher", "student")
-
-
 @dataclass
 class Record:
     """One model, one backend, one stage: what was measured, and what it is."""
@@ -67,11 +64,17 @@ class Record:
         """A record as results.json or metrics.json hold it (flat)."""
         d = dict(d)
         role = str(d.get("role", "student"))
-        if role.startswith("student-"):  # records written before roles were explicit: student-pruned, ...
-            d.setdefault("variant", role.split("-", 1)[1])
-            d["role"] = "student"
-        if str(d.get("model", "")).startswith("student-onnx-"):  # the old export records' model names
-            d.setdefault("variant", d["model"][len("student-"):])
+        if "variant" not in d:  # a record written before roles were explicit
+            model = str(d.get("model", ""))
+            if role.startswith("student-"):  # student-pruned, student-recovered, student-gptq
+                d["variant"], d["role"] = role.split("-", 1)[1], "student"
+                d.setdefault("output", d["variant"] != "pruned")
+            elif model.startswith("student-onnx-"):
+                d["variant"] = model[len("student-"):]
+            elif role == "teacher" and ":" in model:  # name:method of a fine-tuned teacher
+                d["model"], d["variant"] = model.split(":", 1)
+            elif role == "teacher" and d.get("stage") == "evaluate":
+                d["variant"] = "base"
         names = {f.name for f in fields(cls)} - {"extra"}
         return cls(**{k: v for k, v in d.items() if k in names},
                    extra={k: v for k, v in d.items() if k not in names})

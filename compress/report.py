@@ -12,6 +12,7 @@ import json
 from pathlib import Path
 
 from compress import results as results_mod
+from compress.records import Record
 
 MARKERS = {"torch": "o", "onnxruntime": "s", "gptq": "D", "llama.cpp": "^"}
 COLORS = {"teacher": "tab:blue", "student": "tab:orange"}
@@ -21,6 +22,7 @@ def write_report(run_dir: Path) -> tuple[Path, Path]:
     """Write report.md and report.png for a run; return their paths."""
     run_dir = Path(run_dir)
     res = results_mod.load(run_dir)
+    res["records"] = [Record.from_dict(r).to_dict() for r in res["records"]]  # runs of older versions too
     png = plot(res["records"], run_dir / "report.png", title=f"{run_dir.name}: {_cpu(res)}")
     md = run_dir / "report.md"
     md.write_text(markdown(run_dir, res, png.name))

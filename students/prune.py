@@ -163,7 +163,8 @@ def prune_fused_mlp(model, pcfg) -> int:
 
 
 def _rows(linear: torch.nn.Linear, idx: torch.Tensor) -> torch.nn.Linear:
-    new = torch.nn.Linear(linear.in_features, len(idx), bias=linear.bias is not None, dtype=linear.weight.dtype)
+    new = torch.nn.utils.skip_init(torch.nn.Linear, linear.in_features, len(idx), bias=linear.bias is not None,
+                                   dtype=linear.weight.dtype)  # no random init: the global RNG stays untouched
     new.weight.data = linear.weight.data[idx].clone()
     if linear.bias is not None:
         new.bias.data = linear.bias.data[idx].clone()
@@ -171,7 +172,8 @@ def _rows(linear: torch.nn.Linear, idx: torch.Tensor) -> torch.nn.Linear:
 
 
 def _columns(linear: torch.nn.Linear, idx: torch.Tensor) -> torch.nn.Linear:
-    new = torch.nn.Linear(len(idx), linear.out_features, bias=linear.bias is not None, dtype=linear.weight.dtype)
+    new = torch.nn.utils.skip_init(torch.nn.Linear, len(idx), linear.out_features, bias=linear.bias is not None,
+                                   dtype=linear.weight.dtype)
     new.weight.data = linear.weight.data[:, idx].clone()
     if linear.bias is not None:
         new.bias.data = linear.bias.data.clone()

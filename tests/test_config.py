@@ -67,7 +67,7 @@ def test_dry_run_prints_the_composed_config_and_runs_nothing(tmp_path, capsys):
 
 
 def test_presets_command_lists_every_option_and_stage_once(capsys):
-    from compress.pipeline import STAGES
+    from compress.stages import STAGES
 
     assert main(["presets"]) == 0
     rows = [[c.strip() for c in line.split("│")[1:-1]] for line in capsys.readouterr().out.splitlines()

@@ -2,8 +2,9 @@
 
 A stage is a module of this package, read top to bottom as its recipe: NAME, the roles it
 CONSUMES and PRODUCES, the config KEYS it depends on, a SUMMARY, `check(cfg)` (its config
-section, checked for every pipeline), optionally `preflight(cfg)` (what it needs to run here,
-checked when it is in the pipeline), `run(cfg, src, out)` and `reevaluate(cfg, src, path)`.
+section, checked for every pipeline), `preflight(cfg)` where it needs something to run here
+(packages, enough data, a family that supports it; checked when it is in the pipeline),
+`run(cfg, src, out)` and `reevaluate(cfg, src, path)`.
 Nothing here imports the pipeline, the report or the gate.
 """
 from __future__ import annotations

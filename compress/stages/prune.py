@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -96,9 +97,9 @@ def run(cfg, src: Artifact, out: Path) -> dict:
                                pruned, splits, out) is None:
             return {}  # ranks > 0 only train
         records.append(measure_student(cfg, NAME, out / "model", splits, teacher, variant="recovered"))
-    else:
+    else:  # nothing to recover: the pruned model is the one handed on (measured once)
         shutil.copytree(pruned, out / "model")
-        records.append(measure_student(cfg, NAME, out / "model", splits, teacher, variant="recovered"))
+        records.append(replace(records[0], variant="recovered", output=True, path=str(out / "model")))
     return {"records": [r.to_dict() for r in records], "input_model": str(source), "shapes": shapes,
             "params_before": params_before, "params_after": params_after,
             "roles": carry(src, out, student={"path": out / "model", "name": cfg.student.name})}

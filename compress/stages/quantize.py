@@ -34,7 +34,7 @@ from pathlib import Path
 from compress import extras
 from compress.artifact import Artifact, write_json
 from compress.console import say
-from compress.errors import CompressError, Problem
+from compress.errors import CompressError, Problem, raise_if
 from compress.measure import carry
 from compress.records import Record
 
@@ -68,12 +68,7 @@ def preflight(cfg) -> list[Problem]:
     """In the pipeline: GPTQModel installed, and enough calibration prompts outside the eval split."""
     from compress.data import load_splits
 
-    problems = []
-    missing = [m for m in ("gptqmodel", "optimum") if importlib.util.find_spec(m) is None]
-    if missing:
-        problems.append(Problem("pipeline.stages", "quantize", f"the quantize stage needs GPTQModel (an optional "
-                                f"extra; missing: {', '.join(missing)}): run `{extras.install('gptq')}`, or drop "
-                                "`quantize` from the pipeline"))
+    problems = _missing_gptqmodel()
     splits, n = load_splits(cfg.data), cfg.quantize.calibration_samples
     if len(splits.train) + len(splits.unlabeled) < n:
         problems.append(Problem("quantize.calibration_samples", n, f"GPTQ calibrates on train and unlabeled prompts "
@@ -84,10 +79,14 @@ def preflight(cfg) -> list[Problem]:
 
 
 def require_gptqmodel() -> None:
+    raise_if(_missing_gptqmodel(), "GPTQModel is missing")
+
+
+def _missing_gptqmodel() -> list[Problem]:
     missing = [m for m in ("gptqmodel", "optimum") if importlib.util.find_spec(m) is None]
-    if missing:
-        raise CompressError(Problem("pipeline.stages", "quantize", f"the quantize stage needs GPTQModel (missing: "
-                                    f"{', '.join(missing)}): run `{extras.install('gptq')}`"))
+    return [Problem("pipeline.stages", "quantize", f"the quantize stage needs GPTQModel (an optional extra; "
+                    f"missing: {', '.join(missing)}): run `{extras.install('gptq')}`, or drop `quantize` from "
+                    "the pipeline")] if missing else []
 
 
 # --------------------------------------------------------------------------- checks
@@ -172,7 +171,7 @@ def _in_child(cfg, out: Path, reference: list[str] | None, quantize: bool) -> di
     workers = os.environ.get("GPTQMODEL_CPU_WORKERS", str(min(2, os.cpu_count() or 1)))
     env = {**os.environ, "GPTQMODEL_CPU_WORKERS": workers, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     with open(logs / "gptq.log", "a") as log:  # GPTQModel's chatter; our progress bars stay on stderr
-        proc = subprocess.run([sys.executable, "-m", "compress.stages.quantize", str(job)], stdout=log,
+        proc = subprocess.run([sys.executable, "-c", CHILD, str(job)], stdout=log,
                               stderr=subprocess.PIPE, text=True, env=env,  # the user's cwd: relative paths hold
                               preexec_fn=_die_with_parent if sys.platform == "linux" else None)
         log.write(proc.stderr)
@@ -270,10 +269,14 @@ def _die_with_parent() -> None:
         pass
 
 
-def _worker(job_path: Path) -> int:
+CHILD = "import sys; from compress.stages.quantize import worker; sys.exit(worker(sys.argv[1]))"
+"""The child's program (not `-m`: the stage table imports this module first, and runpy would run it twice)."""
+
+
+def worker(job_path: str | Path) -> int:
     from omegaconf import OmegaConf
 
-    job = json.loads(job_path.read_text())
+    job = json.loads(Path(job_path).read_text())
     out = Path(job["out"])
     try:
         result = quantize_and_measure(OmegaConf.create(job["cfg"]), out, job["reference"], job["quantize"])
@@ -283,7 +286,3 @@ def _worker(job_path: Path) -> int:
         return 2
     write_json(out / "logs" / "gptq_result.json", result)
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(_worker(Path(sys.argv[1])))
