@@ -186,7 +186,7 @@ def test_lora_targets_that_match_nothing(tmp_path, capsys):
     """Found when fine-tuning loads the teacher; a changed teacher config would re-run `run`'s evaluation,
     so this case has a run folder of its own."""
     capsys.readouterr()
-    code = main(["run", *FAST, "pipeline.stages=[finetune_teacher]", "finetune=quick", f"run.root={tmp_path}",
+    code = main(["run", *FAST, "pipeline.stages=[evaluate,finetune_teacher]", "finetune=quick", f"run.root={tmp_path}",
                  "run.name=L", "teacher.lora.target_modules=[nope]"])
     err = capsys.readouterr().err
     assert code == 2 and "Traceback" not in err, err[-3000:]
