@@ -63,7 +63,7 @@ def measure(backend, splits, cfg, prompt: list[int]) -> dict:
     from compress.evaluate import score_accuracy
 
     row = {"variant": backend.name, "path": str(backend.path), "size_mb": backend.size_mb}
-    if cfg.eval.accuracy and splits.verbalizers and backend.logits_fn and backend.tokenizer is not None:
+    if cfg.eval.accuracy and splits.labelled and backend.logits_fn and backend.tokenizer is not None:
         row["accuracy"] = score_accuracy(backend.logits_fn, backend.tokenizer, splits, cfg.data, cfg.eval.batch_size,
                                          f"{backend.name}: accuracy")["accuracy"]
     row.update(backend.latency(prompt, cfg.eval.decode_tokens, cfg.eval.warmup_runs, cfg.eval.latency_runs))

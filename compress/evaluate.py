@@ -3,7 +3,8 @@
 Accuracy and perplexity only need a *logits function* `(input_ids, attention_mask) ->
 logits` of shapes (B, T) -> (B, T, V), and latency a *latency function*; a backend
 (PyTorch here, ONNX Runtime in compress/ort.py) is scored by passing its own to `evaluate_fns`. Accuracy compares the summed log-likelihood of each
-label's verbalizer continuation, as lm-evaluation-harness does for multiple choice.
+label's verbalizer continuation, as lm-evaluation-harness does for multiple choice; each example is
+scored over its own choices (the task's shared labels, or the choices it carries).
 """
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ LogitsFn = Callable[[torch.Tensor, torch.Tensor, "list[int] | None"], torch.Tens
 which spares the vocabulary projection for every other token."""
 
 Request = tuple[list[int], list[list[int]]]
-"""(context token ids, one continuation's token ids per choice)."""
+"""(context token ids, one continuation's token ids per choice); requests may differ in their number of choices."""
 
 
 def torch_logits_fn(model) -> LogitsFn:
@@ -60,13 +61,17 @@ def _encode(tokenizer, text: str, chat: bool) -> list[int]:
     return tokenizer(text, add_special_tokens=not chat)["input_ids"]
 
 
-def encode_requests(tokenizer, prompts: list[str], continuations: list[str], chat: bool) -> list[Request]:
-    """Token ids of each prompt and of each continuation as it is tokenized after that prompt."""
+def encode_requests(tokenizer, prompts: list[str], continuations: list[str] | list[list[str]],
+                    chat: bool) -> list[Request]:
+    """Token ids of each prompt and of each continuation as it is tokenized after that prompt.
+
+    `continuations`: one list for every prompt (shared choices), or one list per prompt (its own)."""
+    shared = not continuations or isinstance(continuations[0], str)
     requests = []
-    for prompt in prompts:
+    for n, prompt in enumerate(prompts):
         ctx = _encode(tokenizer, prompt, chat)
         conts = []
-        for cont in continuations:
+        for cont in continuations if shared else continuations[n]:
             whole = _encode(tokenizer, prompt + cont, chat)
             tail = whole[len(ctx):] if whole[: len(ctx)] == ctx else []
             conts.append(tail or _encode(tokenizer, cont, False))
@@ -89,17 +94,18 @@ def pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]
 
 def choice_logprobs(logits_fn: LogitsFn, requests: list[Request], batch_size: int, pad_id: int,
                     desc: str = "scoring") -> torch.Tensor:
-    """Summed log-probability of every continuation given its context: (N, C) float32.
+    """Summed log-probability of every continuation given its context: (N, C) float32, C the most
+    choices of any request; a request with fewer choices has -inf in its columns past them.
 
     When every continuation is one token, one forward of the context scores all choices;
     otherwise each (context + continuation) is scored separately.
     """
-    n, c = len(requests), len(requests[0][1])
+    n, c = len(requests), max(len(conts) for _, conts in requests)
     single = all(len(cont) == 1 for _, conts in requests for cont in conts)
     seqs = [(i, j, ctx if single else ctx + cont) for i, (ctx, conts) in enumerate(requests)
             for j, cont in enumerate(conts) if single is False or j == 0]
     seqs.sort(key=lambda s: -len(s[2]))  # similar lengths together: less padding
-    scores = torch.zeros(n, c, dtype=torch.float32)
+    scores = torch.full((n, c), float("-inf"), dtype=torch.float32)
     with progress() as bar:
         task = bar.add_task(desc, total=len(seqs))
         for start in range(0, len(seqs), batch_size):
@@ -114,7 +120,7 @@ def choice_logprobs(logits_fn: LogitsFn, requests: list[Request], batch_size: in
                 ctx, conts = requests[i]
                 if single:
                     logp = torch.log_softmax(logits[b, col[len(ctx) - 1]].float(), dim=-1)  # (V,)
-                    scores[i] = torch.stack([logp[cont[0]] for cont in conts]).cpu()
+                    scores[i, : len(conts)] = torch.stack([logp[cont[0]] for cont in conts]).cpu()
                 else:
                     cont = conts[j]
                     rows = logits[b, [col[p] for p in range(len(ctx) - 1, len(seq) - 1)]].float()  # (L, V)
@@ -126,13 +132,14 @@ def choice_logprobs(logits_fn: LogitsFn, requests: list[Request], batch_size: in
 
 def score_accuracy(logits_fn: LogitsFn, tokenizer, splits, data_cfg, batch_size: int,
                    desc: str = "accuracy") -> dict:
-    """Predictions (label names) on the eval split, and accuracy against the gold labels."""
+    """Predictions (label names: each example's chosen choice) on the eval split, and accuracy against
+    the gold labels. Each example is scored over its own choices (`splits.continuations`)."""
     chat = bool(data_cfg.use_chat_template and getattr(tokenizer, "chat_template", None))
     prompts = [build_prompt(tokenizer, e.text, data_cfg) for e in splits.eval]
-    labels = splits.labels
-    requests = encode_requests(tokenizer, prompts, [splits.verbalizers[y] for y in labels], chat)
-    scores = choice_logprobs(logits_fn, requests, batch_size, tokenizer.pad_token_id, desc)  # (N, C)
-    predictions = [labels[k] for k in scores.argmax(dim=1).tolist()]
+    choices = [splits.continuations(e) for e in splits.eval]  # per example: choice -> continuation
+    requests = encode_requests(tokenizer, prompts, [list(c.values()) for c in choices], chat)
+    scores = choice_logprobs(logits_fn, requests, batch_size, tokenizer.pad_token_id, desc)  # (N, C), -inf padded
+    predictions = [list(c)[k] for c, k in zip(choices, scores.argmax(dim=1).tolist())]
     gold = [e.label for e in splits.eval]
     return {"accuracy": sum(p == g for p, g in zip(predictions, gold)) / len(gold), "predictions": predictions}
 
@@ -301,7 +308,7 @@ def evaluate_fns(fn: LogitsFn, latency: LatencyFn | None, tokenizer, splits, dat
     """Every enabled measurement of one model given as a logits function and a latency function
     (any backend: PyTorch, ONNX Runtime, ...): a results record plus `predictions`."""
     record: dict = {}
-    if eval_cfg.accuracy and splits.verbalizers:
+    if eval_cfg.accuracy and splits.labelled:
         scored = score_accuracy(fn, tokenizer, splits, data_cfg, eval_cfg.batch_size, f"{name}: accuracy")
         record["accuracy"] = scored["accuracy"]
         record["predictions"] = scored["predictions"]

@@ -141,7 +141,12 @@ class DataConfig:
     text_field: str = "text"
     """Field (jsonl) or column (csv) that holds the input text."""
     label_field: str = "label"
-    """Field or column that holds the label; every label needs an entry in `verbalizers`."""
+    """Field or column that holds the label; every label needs an entry in `verbalizers` (without
+    `choices_field`: the labels are then the task's shared choices)."""
+    choices_field: Optional[str] = None
+    """jsonl/csv: field holding each example's own list of choices (multiple choice whose options differ
+    per example); `label_field` then holds the correct choice, as its text or its 0-based index in the list.
+    Each choice is scored as " " + choice unless `verbalizers` names it. None: labels shared by all examples."""
     verbalizers: Dict[str, str] = field(default_factory=dict)
     """Label -> the words the model should continue with, e.g. fresh: ' positive'."""
     instruction: str = "{text}"

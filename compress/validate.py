@@ -30,6 +30,10 @@ def problems(cfg) -> list[Problem]:
         problems.append(Problem("eval.threads", cfg.eval.threads, "must be >= 1, or null for torch's default"))
     if cfg.data.format not in FORMATS:
         problems.append(Problem("data.format", cfg.data.format, f"choose one of: {', '.join(FORMATS)}"))
+    if cfg.data.choices_field and cfg.data.format not in ("jsonl", "csv"):
+        problems.append(Problem("data.choices_field", cfg.data.choices_field, "per-example choices are read "
+                                f"from jsonl or csv files only (data.format={cfg.data.format}; data=bigbench takes "
+                                "them from target_scores); unset it or use data=jsonl"))
     if "{text}" not in cfg.data.instruction:
         problems.append(Problem("data.instruction", cfg.data.instruction, "must contain {text}, where the input goes"))
     for key in ("data.path", "data.perplexity_path", "teacher.path", "student.path"):

@@ -6,8 +6,8 @@ loss = soft_weight * KD_T(student, teacher) + pseudo_weight * CE(teacher's answe
 The teacher is frozen and in eval mode, and is not a submodule of the LightningModule:
 it gets no gradients, no optimizer state and no place in checkpoints. Its logits come on
 the fly, or with `distill.topk_cache=K` from a top-K cache computed once into the artifact.
-Pseudo-labels for the `unlabeled` split are the teacher's most likely verbalizer (label
-tasks) or its greedy continuation (text).
+Pseudo-labels for the `unlabeled` split are the teacher's most likely verbalizer among each
+example's choices (label tasks) or its greedy continuation (text).
 """
 from __future__ import annotations
 
@@ -156,16 +156,17 @@ def layer_map(student_config, teacher_config, hidden_weight: float) -> list[int]
 # --------------------------------------------------------------------------- pseudo-labels
 
 
-def teacher_answers(teacher, tok, texts: list[str], splits, cfg) -> list[str]:
-    """Label tasks: the most likely verbalizer of each text; text tasks: the greedy continuation."""
-    if splits.verbalizers:
-        first = next(iter(splits.verbalizers))  # labels are hidden: any label will do, accuracy is not read
-        unl = Splits(train=[], unlabeled=[], eval=[Example(t, first) for t in texts], perplexity=[],
-                     verbalizers=splits.verbalizers)
+def teacher_answers(teacher, tok, examples: list[Example], splits, cfg) -> list[str]:
+    """Label tasks: the continuation of the most likely of each example's choices (the shared labels or
+    its own); text tasks: the greedy continuation."""
+    if splits.labelled:
+        # labels are hidden: scored as an eval split whose accuracy is not read
+        unl = Splits(train=[], unlabeled=[], eval=[Example(e.text, None, e.choices) for e in examples],
+                     perplexity=[], verbalizers=splits.verbalizers)
         preds = score_accuracy(torch_logits_fn(teacher), tok, unl, cfg.data, cfg.eval.batch_size,
                                "teacher: pseudo-labels")["predictions"]
-        return [splits.verbalizers[p] for p in preds]
-    return generate(teacher, tok, texts, cfg.distill.pseudo_max_new_tokens)
+        return [splits.continuations(e)[p] for e, p in zip(examples, preds)]
+    return generate(teacher, tok, [e.text for e in examples], cfg.distill.pseudo_max_new_tokens)
 
 
 @torch.inference_mode()

@@ -88,7 +88,7 @@ def calibration_gradients(model, tok, cfg, splits) -> None:
         raise CompressError(Problem("data.train_size", cfg.data.train_size, "Taylor importance needs train "
                                     "examples; raise data.train_size or set prune.importance=magnitude"))
     items = training.encode_examples(tok, cfg.data, [e.text for e in train],
-                                     [splits.verbalizers.get(e.label, "") for e in train], cfg.distill.max_length)
+                                     [splits.answer(e) for e in train], cfg.distill.max_length)
     model.train()
     model.zero_grad()
     for batch in training.loader(items, p.calibration_batch_size, tok.pad_token_id, shuffle=False):

@@ -113,7 +113,7 @@ def train(cfg, d, teacher_dir: Path, student_dir: Path, splits, out: Path) -> di
     texts, targets, kinds = [], [], []
     if d.hard_weight > 0:
         texts += [e.text for e in splits.train]
-        targets += [splits.verbalizers[e.label] for e in splits.train]
+        targets += [splits.answer(e) for e in splits.train]
         kinds += [0] * len(splits.train)
     if d.pseudo_weight > 0 or d.soft_weight > 0:
         texts += [e.text for e in splits.unlabeled]
@@ -167,13 +167,17 @@ def pseudo_labels(teacher, tok, teacher_dir: Path, splits, cfg, out: Path) -> li
     """The teacher's answers for the `unlabeled` split, written to `out/pseudo_labels.jsonl`.
 
     A copy is kept in the run's `cache/` folder, keyed by the teacher folder, the texts, the
-    verbalizers and the precision, so a rerun of this stage (other weights, temperature, steps)
-    reuses them. The teacher runs in the precision distillation trains in: under bf16 autocast on
-    a bf16 CPU it labels 1.75x faster, and 99.1% of its labels equal fp32's (800 reviews, SmolLM2).
+    verbalizers (and each example's own choices, if any) and the precision, so a rerun of this stage
+    (other weights, temperature, steps) reuses them. The teacher runs in the precision distillation
+    trains in: under bf16 autocast on a bf16 CPU it labels 1.75x faster, and 99.1% of its labels equal
+    fp32's (800 reviews, SmolLM2).
     """
     bf16 = training.precision(cfg.trainer, cpu_bf16=True).startswith("bf16")
-    key = text_hash(json.dumps([loading.folder_fingerprint(teacher_dir), [e.text for e in splits.unlabeled],
-                                splits.verbalizers, cfg.distill.pseudo_max_new_tokens, bf16]))[:16]
+    parts = [loading.folder_fingerprint(teacher_dir), [e.text for e in splits.unlabeled], splits.verbalizers,
+             cfg.distill.pseudo_max_new_tokens, bf16]
+    if any(e.choices is not None for e in splits.unlabeled):  # shared labels keep their key (and cache)
+        parts.append([e.choices for e in splits.unlabeled])
+    key = text_hash(json.dumps(parts))[:16]
     cached = out.parent / "cache" / f"pseudo_labels-{key}.jsonl"
     if cached.exists():
         if not (out / "pseudo_labels.jsonl").exists():  # a resumed stage (or another rank) has it already
@@ -184,7 +188,7 @@ def pseudo_labels(teacher, tok, teacher_dir: Path, splits, cfg, out: Path) -> li
     texts = [e.text for e in splits.unlabeled]
     device = next(teacher.parameters()).device.type
     with torch.autocast(device, dtype=torch.bfloat16, enabled=bf16):
-        answers = distill.teacher_answers(teacher, tok, texts, splits, cfg)
+        answers = distill.teacher_answers(teacher, tok, splits.unlabeled, splits, cfg)
     with open(out / "pseudo_labels.jsonl", "w") as f:
         for t, a in zip(texts, answers):
             f.write(json.dumps({"text": t, "answer": a}) + "\n")

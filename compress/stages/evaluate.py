@@ -4,7 +4,8 @@ Consumes: nothing (it starts a pipeline). Produces: the teacher (the configured 
 the *reference* that agreement and retention are measured against, and the base teacher of
 `retention_base`) and the student (the configured one: built from the teacher's layers, or a model
 of its own), both measured.
-Artifact: `predictions.json` (gold labels, the teacher's and the student's predictions).
+Artifact: `predictions.json` (gold labels, the teacher's and the student's predictions; each example's
+choices when they differ per example).
 """
 from __future__ import annotations
 
@@ -45,8 +46,10 @@ def run(cfg, src: Artifact, out: Path) -> dict:
     student_dir = student_build.resolve(cfg.student, teacher_dir)
     say(f"  student: {cfg.student.name} ({student_dir})")
     s = evaluate_folder(student_dir, cfg.student, "student", splits, cfg, t_pred)
-    write_json(out / "predictions.json", {"labels": [e.label for e in splits.eval], "teacher": t_pred,
-                                          "student": s.pop("predictions", None)})
+    predictions = {"labels": [e.label for e in splits.eval], "teacher": t_pred, "student": s.pop("predictions", None)}
+    if any(e.choices is not None for e in splits.eval):  # a task whose examples have their own choices
+        predictions["choices"] = [list(e.choices or ()) for e in splits.eval]
+    write_json(out / "predictions.json", predictions)
     records = [Record.of(NAME, "teacher", cfg.teacher.name, t, path=str(teacher_dir), variant="base"),
                Record.of(NAME, "student", cfg.student.name, s, path=str(student_dir))]
     teacher = {"path": teacher_dir, "name": cfg.teacher.name, "accuracy": t.get("accuracy"),

@@ -60,14 +60,14 @@ def preflight(cfg) -> list[Problem]:
 def run(cfg, src: Artifact, out: Path) -> dict:
     L.seed_everything(cfg.run.seed, workers=True)
     splits = load_splits(cfg.data)
-    if not splits.verbalizers:
+    if not splits.labelled:
         raise CompressError(Problem("data", cfg.data.name, "finetune_teacher needs labelled data; "
                                     "data=text has no labels: use pipeline=evaluate"))
     base_dir = Path(src.teacher()["path"])
     model, tok = finetune.trainable_model(base_dir, cfg.teacher)
     ocfg = cfg.finetune
     n_val = ocfg.val_size if ocfg.val_every > 0 else 0
-    answers = [splits.verbalizers[e.label] for e in splits.train]
+    answers = [splits.answer(e) for e in splits.train]
     items = training.encode_examples(tok, cfg.data, [e.text for e in splits.train], answers, ocfg.max_length)
     train_items, val_items = items[n_val:], items[:n_val]
     trainer = training.make_trainer(cfg.trainer, ocfg, out, has_val=bool(val_items))

@@ -195,7 +195,7 @@ def calibration_texts(tok, cfg, splits) -> list[str]:
     from compress.evaluate import build_prompt
 
     n = cfg.quantize.calibration_samples
-    texts = [build_prompt(tok, e.text, cfg.data) + splits.verbalizers.get(e.label, "") for e in splits.train[:n]]
+    texts = [build_prompt(tok, e.text, cfg.data) + splits.answer(e) for e in splits.train[:n]]
     texts += [build_prompt(tok, e.text, cfg.data) for e in splits.unlabeled[: n - len(texts)]]
     if len(texts) < n:
         raise CompressError(Problem("quantize.calibration_samples", n, f"only {len(texts)} train and unlabeled "
