@@ -29,6 +29,10 @@ class Example:
     """The correct choice; None when unknown (the `unlabeled` split, data=text)."""
     choices: tuple[str, ...] | None = None
     """This example's own choices, in order; None: the task's shared labels (`Splits.verbalizers`)."""
+    answers: tuple[str, ...] | None = None
+    """A generative task's reference answers (a prediction is scored against the best of them)."""
+    group: str | None = None
+    """What examples share (a SQuAD paragraph): a split never divides a group."""
 
 
 @dataclass
@@ -53,6 +57,11 @@ class Splits:
         """Whether examples are scored against choices (shared labels or their own); False for data=text."""
         return bool(self.verbalizers) or any(e.choices is not None for e in self.eval + self.train + self.unlabeled)
 
+    @property
+    def generative(self) -> bool:
+        """Whether the model generates its answer (scored by exact match and F1 against references)."""
+        return any(e.answers for e in self.eval + self.train)
+
     def continuations(self, example: Example) -> dict[str, str]:
         """The example's choices -> the continuation each is scored by, in order: its own choices (each
         " " + choice unless a verbalizer is configured for it), else the shared verbalizers."""
@@ -61,12 +70,19 @@ class Splits:
         return {c: self.verbalizers.get(c, f" {c}") for c in example.choices}
 
     def answer(self, example: Example) -> str:
-        """The continuation of the example's label: its answer text for training ("" without a label)."""
+        """What the model should continue the prompt with, for training: the continuation of the example's
+        label, or (generative) its first reference answer and the newline that ends it ("" without either)."""
+        if example.answers:
+            return example.answers[0] + ANSWER_END
         return "" if example.label is None else self.continuations(example).get(example.label, "")
 
     def sizes(self) -> dict[str, int]:
         return {"train": len(self.train), "unlabeled": len(self.unlabeled), "eval": len(self.eval),
                 "perplexity": len(self.perplexity)}
+
+
+ANSWER_END = "\n"
+"""A generated answer ends at a newline (or EOS): what training appends to a target answer."""
 
 
 # --------------------------------------------------------------------------- readers
@@ -180,6 +196,55 @@ def _read_text(path: Path, cfg) -> Read:
     return paragraphs, [None] * len(paragraphs), [None] * len(paragraphs)
 
 
+def is_generative(cfg) -> bool:
+    """A task whose answers the model generates: SQuAD-format data, or jsonl with `data.target_field`."""
+    return cfg.format == "squad" or bool(cfg.target_field)
+
+
+def _read_squad(path: Path | None, cfg) -> list[Example]:
+    """SQuAD-format JSON (`data[].paragraphs[].context`, `.qas[].question`, `.qas[].answers[].text`): one
+    example per question, its text the (truncated) passage and the question, grouped by paragraph."""
+    if path is None:
+        import datasets
+
+        rows = datasets.load_dataset(cfg.hub_id, split="validation")
+        return [Example(f"{truncate(r['context'], cfg.max_chars)}\nQuestion: {r['question'].strip()}",
+                        answers=tuple(dict.fromkeys(r["answers"]["text"])), group=r["context"][:200]) for r in rows]
+    try:
+        articles = json.loads(_open_text(path))["data"]
+        out = []
+        for a, article in enumerate(articles):
+            for p, para in enumerate(article["paragraphs"]):
+                context = truncate(para["context"], cfg.max_chars)
+                for qa in para["qas"]:
+                    answers = tuple(dict.fromkeys(x["text"].strip() for x in qa.get("answers", []) if x["text"].strip()))
+                    if answers:  # SQuAD 2.0's unanswerable questions have none: not scorable here
+                        out.append(Example(f"{context}\nQuestion: {qa['question'].strip()}", answers=answers,
+                                           group=f"{a}.{p}"))
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise CompressError(Problem("data.path", str(path), f"not a SQuAD-format file ({type(e).__name__}: {e}; "
+                                    "expected data[].paragraphs[].context and .qas[].question/.answers[].text)")) from None
+    return out
+
+
+def _read_targets(path: Path, cfg) -> list[Example]:
+    """jsonl with `data.target_field`: a reference answer (or a list of them) per row; `data.group_field`
+    rows never split apart."""
+    rows = [json.loads(line) for line in _open_text(path).splitlines() if line.strip()]
+    _require_fields(rows, cfg, path)
+    missing = [n for n, r in enumerate(rows, 1) if cfg.target_field not in r]
+    if missing:
+        raise CompressError(Problem("data.target_field", cfg.target_field, f"rows {missing[:10]} have no such field; "
+                                    "give every row its reference answer (a string or a list of strings)"))
+    out = []
+    for r in rows:
+        refs = r[cfg.target_field] if isinstance(r[cfg.target_field], list) else [r[cfg.target_field]]
+        out.append(Example(truncate(str(r[cfg.text_field]), cfg.max_chars),
+                           answers=tuple(str(x).strip() for x in refs if str(x).strip()) or None,
+                           group=str(r[cfg.group_field]) if cfg.group_field and cfg.group_field in r else None))
+    return out
+
+
 READERS = {"csv": _read_csv, "jsonl": _read_jsonl, "rotten_tomatoes": _read_rotten_tomatoes,
            "bigbench": _read_bigbench, "text": _read_text}
 """data.format -> reader(path, cfg) -> (texts, labels, choices)."""
@@ -191,9 +256,9 @@ def _require_fields(rows: list[dict], cfg, path: Path) -> None:
     have = list(rows[0].keys())
     problems = [Problem(f"data.{k}", getattr(cfg, k), f"no such field in {path.name}; its fields are: "
                         f"{', '.join(map(str, have))}")
-                for k in ("text_field", "label_field", "choices_field")
+                for k in ("text_field", "label_field", "choices_field", "target_field")
                 if getattr(cfg, k, None) is not None and getattr(cfg, k) not in have
-                and not (k == "label_field" and cfg.format == "text")]
+                and not (k == "label_field" and (cfg.format == "text" or cfg.target_field))]
     raise_if(problems, "bad data")
 
 
@@ -226,6 +291,8 @@ def data_path(cfg) -> Path | None:
         if not path.is_file():
             raise CompressError(Problem("data.path", cfg.path, "no such file; give the path of a local data file"))
         return path
+    if cfg.format == "squad" and cfg.hub_id and hub_reachable():
+        return None
     if cfg.format == "rotten_tomatoes":
         if cfg.hub_id and hub_reachable():
             return None
@@ -318,6 +385,9 @@ def fit_sizes(cfg, available: int, trains: bool, given: set[str]) -> tuple[dict[
 
 def load_splits(cfg) -> Splits:
     """Read the task, check it, and cut disjoint train/unlabeled/eval splits with `cfg.seed`."""
+    if is_generative(cfg):
+        ev, train, unlabeled = grouped_splits(cfg, read_generative(cfg))
+        return Splits(train=train, unlabeled=unlabeled, eval=ev, perplexity=_perplexity_texts(cfg, ev))
     texts, labels, choices = read_examples(cfg)
     labelled = cfg.format != "text"
     verbalizers = _verbalizers(cfg, labels, any(c is not None for c in choices)) if labelled else {}
@@ -381,3 +451,45 @@ def _perplexity_texts(cfg, ev: list[Example]) -> list[str]:
             raise CompressError(Problem("data.perplexity_path", cfg.perplexity_path, "no such file"))
         return _read_text(path, cfg)[0]
     return [e.text for e in ev]
+
+
+def read_generative(cfg) -> list[Example]:
+    """A generative task's examples (references, groups), repeated texts dropped."""
+    path = data_path(cfg)
+    examples = _read_squad(path, cfg) if cfg.format == "squad" else _read_targets(path, cfg)
+    if not examples:
+        raise CompressError(Problem("data.path", str(path or cfg.hub_id), "the data holds no examples with answers"))
+    seen, out = set(), []
+    for e in examples:
+        if e.text not in seen:
+            seen.add(e.text)
+            out.append(e)
+    return out
+
+
+def count_examples(cfg) -> int:
+    """How many distinct examples the task has (what split sizes are fitted to)."""
+    return len(read_generative(cfg)) if is_generative(cfg) else len(read_examples(cfg)[0])
+
+
+def grouped_splits(cfg, examples: list[Example]) -> tuple[list[Example], list[Example], list[Example]]:
+    """eval, train, unlabeled of the configured sizes, taking whole groups in a seeded order: no group (a
+    SQuAD paragraph) is in two splits. The tail of a group cut by a split's size is dropped, not reused."""
+    groups: dict[str, list[Example]] = {}
+    for i, e in enumerate(examples):
+        groups.setdefault(e.group if e.group is not None else f"#{i}", []).append(e)
+    order = list(groups)
+    random.Random(cfg.seed).shuffle(order)
+    queue, out = iter(order), []
+    for size in (cfg.eval_size, cfg.train_size, cfg.unlabeled_size):
+        split: list[Example] = []
+        while len(split) < size:
+            key = next(queue, None)
+            if key is None:
+                raise CompressError(Problem("data.eval_size", cfg.eval_size, f"the data's {len(examples)} examples "
+                                            f"in {len(groups)} groups do not fill eval_size + train_size + "
+                                            "unlabeled_size whole groups at a time; lower the sizes"))
+            split += groups[key]
+        out.append(split[:size])
+    ev, train, unlabeled = out
+    return ev, train, [Example(e.text, group=e.group) for e in unlabeled]

@@ -144,6 +144,91 @@ def score_accuracy(logits_fn: LogitsFn, tokenizer, splits, data_cfg, batch_size:
     return {"accuracy": sum(p == g for p, g in zip(predictions, gold)) / len(gold), "predictions": predictions}
 
 
+# --------------------------------------------------------------------------- generative tasks
+
+
+@torch.inference_mode()
+def generate_greedy(logits_fn: LogitsFn, tokenizer, prompts: list[str], chat: bool, max_new_tokens: int,
+                    batch_size: int, desc: str = "generating") -> list[str]:
+    """Each prompt's greedy continuation, cut at the first newline (or EOS), stripped.
+
+    Only a logits function is needed, so every backend generates the same way: each step runs the
+    right-padded batch and reads the next-token logits at each sequence's last real position (no KV
+    cache: answers are short)."""
+    eos, pad_id = tokenizer.eos_token_id, tokenizer.pad_token_id
+    encoded = [_encode(tokenizer, p, chat) for p in prompts]
+    order = sorted(range(len(prompts)), key=lambda i: -len(encoded[i]))  # similar lengths together
+    out = [""] * len(prompts)
+    with progress() as bar:
+        task = bar.add_task(desc, total=len(prompts))
+        for start in range(0, len(order), batch_size):
+            idx = order[start: start + batch_size]
+            seqs, new = [list(encoded[i]) for i in idx], [[] for _ in idx]
+            done = [False] * len(idx)
+            for _ in range(max_new_tokens):
+                ids, mask = pad(seqs, pad_id)  # (B, T)
+                last = sorted({len(s) - 1 for s in seqs})
+                logits = logits_fn(ids, mask, last)  # (B, K, V)
+                for b, s in enumerate(seqs):
+                    if done[b]:
+                        continue
+                    token = int(logits[b, last.index(len(s) - 1)].argmax())
+                    if token == eos:
+                        done[b] = True
+                        continue
+                    s.append(token)
+                    new[b].append(token)
+                    done[b] = "\n" in tokenizer.decode(new[b])
+                if all(done):
+                    break
+            for b, i in enumerate(idx):
+                out[i] = tokenizer.decode(new[b], skip_special_tokens=True).split("\n")[0].strip()
+            bar.advance(task, len(idx))
+    return out
+
+
+def normalize_answer(text: str) -> str:
+    """SQuAD's normalisation: lower case, no punctuation, no articles (a, an, the), single spaces."""
+    import re
+    import string
+
+    text = "".join(c for c in text.lower() if c not in set(string.punctuation))
+    return " ".join(re.sub(r"\b(a|an|the)\b", " ", text).split())
+
+
+def exact_match(prediction: str, references: tuple[str, ...] | list[str]) -> float:
+    """1 when the normalised prediction equals a normalised reference."""
+    return float(any(normalize_answer(prediction) == normalize_answer(r) for r in references))
+
+
+def token_f1(prediction: str, references: tuple[str, ...] | list[str]) -> float:
+    """SQuAD's token F1: the harmonic mean of token precision and recall, best over the references."""
+    from collections import Counter
+
+    def f1(pred: list[str], ref: list[str]) -> float:
+        if not pred or not ref:
+            return float(pred == ref)
+        common = sum((Counter(pred) & Counter(ref)).values())
+        if common == 0:
+            return 0.0
+        p, r = common / len(pred), common / len(ref)
+        return 2 * p * r / (p + r)
+
+    pred = normalize_answer(prediction).split()
+    return max(f1(pred, normalize_answer(r).split()) for r in references)
+
+
+def score_generation(logits_fn: LogitsFn, tokenizer, splits, data_cfg, eval_cfg, desc: str = "generating") -> dict:
+    """Greedy answers to the eval split, with exact match and F1 (best over each example's references)."""
+    chat = bool(data_cfg.use_chat_template and getattr(tokenizer, "chat_template", None))
+    prompts = [build_prompt(tokenizer, e.text, data_cfg) for e in splits.eval]
+    answers = generate_greedy(logits_fn, tokenizer, prompts, chat, eval_cfg.max_new_tokens, eval_cfg.batch_size, desc)
+    refs = [e.answers for e in splits.eval]
+    n = len(answers)
+    return {"exact_match": sum(exact_match(a, r) for a, r in zip(answers, refs)) / n,
+            "f1": sum(token_f1(a, r) for a, r in zip(answers, refs)) / n, "predictions": answers}
+
+
 def agreement(predictions: list[str], reference: list[str]) -> float:
     """Fraction of examples where two models predict the same label."""
     return sum(p == r for p, r in zip(predictions, reference)) / len(reference)
@@ -308,7 +393,13 @@ def evaluate_fns(fn: LogitsFn, latency: LatencyFn | None, tokenizer, splits, dat
     """Every enabled measurement of one model given as a logits function and a latency function
     (any backend: PyTorch, ONNX Runtime, ...): a results record plus `predictions`."""
     record: dict = {}
-    if eval_cfg.accuracy and splits.labelled:
+    if eval_cfg.accuracy and splits.generative:
+        scored = score_generation(fn, tokenizer, splits, data_cfg, eval_cfg, f"{name}: answers")
+        record.update(exact_match=scored["exact_match"], f1=scored["f1"], predictions=scored["predictions"],
+                      metric=data_cfg.metric)
+        if reference is not None:  # F1 of its answers against the teacher's own
+            record["agreement"] = sum(token_f1(p, [r]) for p, r in zip(scored["predictions"], reference)) / len(reference)
+    elif eval_cfg.accuracy and splits.labelled:
         scored = score_accuracy(fn, tokenizer, splits, data_cfg, eval_cfg.batch_size, f"{name}: accuracy")
         record["accuracy"] = scored["accuracy"]
         record["predictions"] = scored["predictions"]

@@ -35,7 +35,7 @@ class Check:
 
 def produced_students(records: list[Record], stage: str) -> list[Record]:
     """The students `stage` hands on, measured."""
-    return [r for r in records if r.stage == stage and r.role == "student" and r.output and r.accuracy is not None]
+    return [r for r in records if r.stage == stage and r.role == "student" and r.output and r.score is not None]
 
 
 def default_stage(records: list[Record]) -> str | None:
@@ -95,12 +95,12 @@ def checks(run_dir: Path, min_retention: float, stage: str | None = None, baseli
 def _drop_check(name: str, r: Record, base_records: list[Record], baseline: Path, max_drop: float) -> Check:
     key = lambda x: (x.stage, x.role, x.model, x.variant, x.backend)  # noqa: E731
     match = [b for b in base_records if key(b) == key(r)]
-    if not match or match[0].accuracy is None or r.accuracy is None:
-        raise CompressError(Problem("--baseline", str(baseline), f"has no accuracy for {name}: compare runs of "
+    if not match or match[0].score is None or r.score is None:
+        raise CompressError(Problem("--baseline", str(baseline), f"has no {r.metric} for {name}: compare runs of "
                                     "the same pipeline"))
-    drop = match[0].accuracy - r.accuracy
-    return Check(name, f"accuracy drop vs baseline <= {max_drop:.3f}",
-                 f"{r.accuracy:.3f} (baseline {match[0].accuracy:.3f}, drop {drop:+.3f})", drop <= max_drop)
+    drop = match[0].score - r.score
+    return Check(name, f"{r.metric} drop vs baseline <= {max_drop:.3f}",
+                 f"{r.score:.3f} (baseline {match[0].score:.3f}, drop {drop:+.3f})", drop <= max_drop)
 
 
 def table(run_dir: Path, stage: str, rows: list[Check]) -> Table:

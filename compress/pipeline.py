@@ -56,10 +56,10 @@ def preflight(cfg, given: set[str] = frozenset()) -> None:
 def fit_data(cfg, given: set[str] = frozenset()) -> None:
     """Set the split sizes the data and this pipeline allow (in `cfg.data`, before any stage hashes it): no
     train or unlabeled split when nothing trains; preset sizes shrunk in proportion for a small file."""
-    from compress.data import fit_sizes, read_examples
+    from compress.data import count_examples, fit_sizes
 
     trains = bool(USES_TRAIN_DATA & set(cfg.pipeline.stages))
-    sizes, change = fit_sizes(cfg.data, len(read_examples(cfg.data)[0]), trains,
+    sizes, change = fit_sizes(cfg.data, count_examples(cfg.data), trains,
                               {k.split(".", 1)[1] for k in given if k.startswith("data.")})
     if change:
         say(f"  data: {change}")

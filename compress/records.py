@@ -27,8 +27,16 @@ class Record:
     path: str | None = None
     """The folder (or file) measured."""
     accuracy: float | None = None
+    """Label tasks: the fraction of eval examples whose best-scoring choice is the gold one."""
+    exact_match: float | None = None
+    """Generative tasks: the fraction of answers equal to a reference (SQuAD normalisation)."""
+    f1: float | None = None
+    """Generative tasks: token F1 of each answer against its best reference, averaged."""
+    metric: str = "accuracy"
+    """The task's primary metric (accuracy, f1 or exact_match): what retention divides."""
     agreement: float | None = None
-    """Fraction of eval examples where its prediction equals the reference teacher's."""
+    """Label tasks: the fraction of eval examples where its prediction equals the reference teacher's;
+    generative tasks: the F1 of its answers against the teacher's."""
     perplexity: float | None = None
     prefill_ms: float | None = None
     decode_tok_s: float | None = None
@@ -38,9 +46,9 @@ class Record:
     eval_s: float | None = None
     stage_wall_s: float | None = None
     retention: float | None = None
-    """accuracy / the reference teacher's (the last teacher measured); set by `relate`."""
+    """primary metric / the reference teacher's (the last teacher measured); set by `relate`."""
     retention_base: float | None = None
-    """accuracy / the base teacher's (of `evaluate`); set by `relate`."""
+    """primary metric / the base teacher's (of `evaluate`); set by `relate`."""
     speedup: float | None = None
     """decode tok/s / the base teacher's, measured in the same run; set by `relate`."""
     perplexity_ratio: float | None = None
@@ -84,6 +92,11 @@ class Record:
         return {**{k: v for k, v in d.items() if k != "extra"}, **d["extra"]}
 
     @property
+    def score(self) -> float | None:
+        """The task's primary metric, as measured (None: not measured)."""
+        return getattr(self, self.metric, None)
+
+    @property
     def label(self) -> str:
         """`stage role:model (variant) [backend]`, as tables and the gate name a record."""
         variant = f" ({self.variant})" if self.variant else ""
@@ -101,12 +114,12 @@ def relate(records: list[Record]) -> dict:
     Returns both teachers' identities for the results header."""
     teachers = [r for r in records if r.role == "teacher"]
     base = next((r for r in teachers if r.stage == "evaluate"), teachers[0] if teachers else None)
-    ref = next((r for r in reversed(teachers) if r.accuracy is not None), teachers[-1] if teachers else None)
+    ref = next((r for r in reversed(teachers) if r.score is not None), teachers[-1] if teachers else None)
     for r in records:
-        r.retention = ratio(r.accuracy, ref.accuracy) if ref else None
+        r.retention = ratio(r.score, ref.score) if ref else None
         r.perplexity_ratio = ratio(r.perplexity, ref.perplexity) if ref else None
-        r.retention_base = ratio(r.accuracy, base.accuracy) if base else None
+        r.retention_base = ratio(r.score, base.score) if base else None
         r.speedup = ratio(r.decode_tok_s, base.decode_tok_s) if base else None
     who = lambda r: None if r is None else {k: getattr(r, k) for k in ("stage", "model", "variant", "backend",  # noqa: E731
-                                                                        "accuracy", "decode_tok_s")}
+                                                                        "metric", "accuracy", "f1", "decode_tok_s")}
     return {"reference": who(ref), "base_teacher": who(base)}

@@ -199,9 +199,10 @@ def _fmt(v, fmt: str) -> str:
 
 
 def md_table(records: list[dict]) -> list[str]:
-    heads = [h for _, h, _ in results_mod.COLUMNS]
+    keep = results_mod.shown(records)
+    heads = [results_mod.COLUMNS[i][1] for i in keep]
     rows = ["| " + " | ".join(heads) + " |", "|" + "|".join("---" for _ in heads) + "|"]
-    return rows + ["| " + " | ".join(results_mod.cells(r)) + " |" for r in records]
+    return rows + ["| " + " | ".join(results_mod.cells(r)[i] for i in keep) + " |" for r in records]
 
 
 def _plain(v) -> str:

@@ -24,12 +24,12 @@ from compress.records import Record, relate
 
 COLUMNS = [  # (record key, header, format)
     ("stage", "stage", "{}"), ("role", "model", "{}"), ("variant", "form", "{}"), ("backend", "backend", "{}"),
-    ("accuracy", "acc", "{:.3f}"), ("retention", "retention", "{:.3f}"), ("retention_base", "ret. base", "{:.3f}"), ("agreement", "agree", "{:.3f}"),
+    ("accuracy", "acc", "{:.3f}"), ("exact_match", "EM", "{:.3f}"), ("f1", "F1", "{:.3f}"), ("retention", "retention", "{:.3f}"), ("retention_base", "ret. base", "{:.3f}"), ("agreement", "agree", "{:.3f}"),
     ("perplexity", "ppl", "{:.4g}"), ("perplexity_ratio", "ppl / teacher", "{:.3g}"), ("prefill_ms", "prefill ms", "{:.1f}"), ("decode_tok_s", "decode tok/s", "{:.1f}"),
     ("speedup", "speed up", "{:.2f}x"), ("size_mb", "size MB", "{:.1f}"), ("params", "params M", "{:.2f}"),
     ("peak_mem_mb", "peak MB", "{:.0f}"), ("stage_wall_s", "stage s", "{:.0f}"),
 ]
-CSV_FIELDS = ["stage", "role", "model", "variant", "output", "backend", "accuracy", "retention", "retention_base", "agreement",
+CSV_FIELDS = ["stage", "role", "model", "variant", "output", "backend", "metric", "accuracy", "exact_match", "f1", "retention", "retention_base", "agreement",
               "perplexity", "perplexity_ratio", "prefill_ms", "decode_tok_s", "speedup", "size_mb", "params", "peak_mem_mb",
               "stage_wall_s", "path"]
 
@@ -121,11 +121,20 @@ def cells(record: dict) -> list[str]:
     return out
 
 
+def shown(records: list[dict]) -> list[int]:
+    """Indexes of the COLUMNS some record has a value for (a label task shows no EM / F1 column)."""
+    rows = [cells(r) for r in records]
+    return [i for i in range(len(COLUMNS)) if i < 3 or any(row[i] != "-" for row in rows)]
+
+
 def table(records: list[dict], title: str = "results") -> Table:
     t = Table(title=title)
-    for _, header, _ in COLUMNS:
+    keep = shown(records)
+    for i in keep:
+        header = COLUMNS[i][1]
         text = header in ("stage", "model", "form", "backend")
         t.add_column(header, justify="left" if text else "right", overflow="fold", no_wrap=text)
     for r in records:
-        t.add_row(*cells(r))
+        row = cells(r)
+        t.add_row(*[row[i] for i in keep])
     return t

@@ -157,6 +157,14 @@ class DataConfig:
     """Wrap the instruction in the tokenizer's chat template when it has one."""
     max_chars: int = 400
     """Inputs are cut to this many characters (at a word boundary) before prompting."""
+    target_field: Optional[str] = None
+    """jsonl: the field holding a generative task's reference answer (or list of answers); set, the model
+    generates its answer, scored by exact match and F1."""
+    group_field: Optional[str] = None
+    """jsonl: examples with the same value here (e.g. a shared passage) never land in two splits."""
+    metric: str = "accuracy"
+    """The task's primary metric, what retention is computed over: accuracy (label tasks), f1 or
+    exact_match (generative tasks; SQuAD normalisation, best over the references)."""
     train_size: int = 2000
     """Labelled examples in the `train` split."""
     unlabeled_size: int = 2000
@@ -180,7 +188,10 @@ class EvalConfig:
     batch_size: int = 8
     """Sequences per forward pass when scoring accuracy and perplexity."""
     accuracy: bool = True
-    """Score task accuracy (and agreement with the teacher) by verbalizer log-likelihood."""
+    """Score the task (and agreement with the teacher): label tasks by verbalizer log-likelihood,
+    generative tasks by greedy generation (exact match, F1)."""
+    max_new_tokens: int = 16
+    """Generative tasks: the longest answer generated (greedy; it stops at a newline or EOS)."""
     perplexity: bool = True
     """Measure perplexity on held-out text."""
     perplexity_blocks: int = 16

@@ -9,7 +9,8 @@ import torch
 from compress.errors import Problem, raise_if
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
-FORMATS = ("rotten_tomatoes", "bigbench", "jsonl", "csv", "text")
+FORMATS = ("rotten_tomatoes", "bigbench", "jsonl", "csv", "text", "squad")
+METRICS = {"accuracy": "label tasks", "f1": "generative tasks", "exact_match": "generative tasks"}
 SCHEDULES = ("cosine", "linear", "constant")
 
 
@@ -22,7 +23,7 @@ def validate(cfg) -> None:
 def problems(cfg) -> list[Problem]:
     """Every problem of the shared config sections, at once."""
     problems: list[Problem] = []
-    problems += _positive(cfg, ["eval.batch_size", "eval.perplexity_blocks", "eval.perplexity_block_tokens",
+    problems += _positive(cfg, ["eval.batch_size", "eval.max_new_tokens", "eval.perplexity_blocks", "eval.perplexity_block_tokens",
                                 "eval.prefill_tokens", "eval.decode_tokens", "eval.latency_runs",
                                 "data.eval_size", "data.max_chars"], strict=True)
     problems += _positive(cfg, ["data.train_size", "data.unlabeled_size", "eval.warmup_runs"], strict=False)
@@ -34,6 +35,10 @@ def problems(cfg) -> list[Problem]:
         problems.append(Problem("data.choices_field", cfg.data.choices_field, "per-example choices are read "
                                 f"from jsonl or csv files only (data.format={cfg.data.format}; data=bigbench takes "
                                 "them from target_scores); unset it or use data=jsonl"))
+    generative = cfg.data.format == "squad" or bool(cfg.data.target_field)
+    if cfg.data.metric not in METRICS or (cfg.data.metric == "accuracy") == generative and cfg.data.format != "text":
+        problems.append(Problem("data.metric", cfg.data.metric, "choose accuracy for a label task, f1 or exact_match "
+                                "for a generative one (data=squad, or data.target_field set)"))
     if "{text}" not in cfg.data.instruction:
         problems.append(Problem("data.instruction", cfg.data.instruction, "must contain {text}, where the input goes"))
     for key in ("data.path", "data.perplexity_path", "teacher.path", "student.path"):

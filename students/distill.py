@@ -18,9 +18,9 @@ import torch
 
 from compress import training
 from compress.console import progress
-from compress.data import Example, Splits
+from compress.data import ANSWER_END, Example, Splits
 from compress.errors import CompressError, Problem
-from compress.evaluate import score_accuracy, torch_logits_fn
+from compress.evaluate import build_prompt, generate_greedy, score_accuracy, torch_logits_fn
 from students import losses
 
 DIVERGENCES = {"forward_kl": losses.forward_kl, "reverse_kl": losses.reverse_kl, "jsd": losses.generalized_jsd}
@@ -158,7 +158,14 @@ def layer_map(student_config, teacher_config, hidden_weight: float) -> list[int]
 
 def teacher_answers(teacher, tok, examples: list[Example], splits, cfg) -> list[str]:
     """Label tasks: the continuation of the most likely of each example's choices (the shared labels or
-    its own); text tasks: the greedy continuation."""
+    its own); generative tasks: the teacher's greedy answer to the prompt (sequence-level KD), ended by a
+    newline; text tasks: the greedy continuation."""
+    if splits.generative:
+        chat = bool(cfg.data.use_chat_template and getattr(tok, "chat_template", None))
+        prompts = [build_prompt(tok, e.text, cfg.data) for e in examples]
+        answers = generate_greedy(torch_logits_fn(teacher), tok, prompts, chat, cfg.distill.pseudo_max_new_tokens,
+                                  cfg.eval.batch_size, "teacher: pseudo-labels (answers)")
+        return [a + ANSWER_END for a in answers]
     if splits.labelled:
         # labels are hidden: scored as an eval split whose accuracy is not read
         unl = Splits(train=[], unlabeled=[], eval=[Example(e.text, None, e.choices) for e in examples],

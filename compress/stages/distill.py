@@ -177,6 +177,8 @@ def pseudo_labels(teacher, tok, teacher_dir: Path, splits, cfg, out: Path) -> li
              cfg.distill.pseudo_max_new_tokens, bf16]
     if any(e.choices is not None for e in splits.unlabeled):  # shared labels keep their key (and cache)
         parts.append([e.choices for e in splits.unlabeled])
+    if splits.generative:  # the prompt is what the teacher answers
+        parts.append([cfg.data.instruction, cfg.data.answer_prefix, cfg.data.use_chat_template])
     key = text_hash(json.dumps(parts))[:16]
     cached = out.parent / "cache" / f"pseudo_labels-{key}.jsonl"
     if cached.exists():

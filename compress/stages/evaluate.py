@@ -47,6 +47,8 @@ def run(cfg, src: Artifact, out: Path) -> dict:
     say(f"  student: {cfg.student.name} ({student_dir})")
     s = evaluate_folder(student_dir, cfg.student, "student", splits, cfg, t_pred)
     predictions = {"labels": [e.label for e in splits.eval], "teacher": t_pred, "student": s.pop("predictions", None)}
+    if splits.generative:  # the references each answer was scored against
+        predictions["references"] = [list(e.answers) for e in splits.eval]
     if any(e.choices is not None for e in splits.eval):  # a task whose examples have their own choices
         predictions["choices"] = [list(e.choices or ()) for e in splits.eval]
     write_json(out / "predictions.json", predictions)

@@ -60,8 +60,8 @@ def preflight(cfg) -> list[Problem]:
 def run(cfg, src: Artifact, out: Path) -> dict:
     L.seed_everything(cfg.run.seed, workers=True)
     splits = load_splits(cfg.data)
-    if not splits.labelled:
-        raise CompressError(Problem("data", cfg.data.name, "finetune_teacher needs labelled data; "
+    if not (splits.labelled or splits.generative):
+        raise CompressError(Problem("data", cfg.data.name, "finetune_teacher needs labelled data or answers; "
                                     "data=text has no labels: use pipeline=evaluate"))
     base_dir = Path(src.teacher()["path"])
     model, tok = finetune.trainable_model(base_dir, cfg.teacher)
