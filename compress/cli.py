@@ -125,7 +125,8 @@ def _model_source(spec: str) -> dict:
     path = Path(spec).expanduser()
     from compress.config import model_name
 
-    source = {"name": model_name(spec) if Path(spec).expanduser().exists() else spec, "random": None, "gguf_package": None, "gguf_file": None, "hub_id": None, "path": None}
+    source = {"name": model_name(spec) if Path(spec).expanduser().exists() else spec, "random": None,
+              "gguf_package": None, "gguf_file": None, "hub_id": None, "path": None}
     if (path / "model").is_dir():
         source["path"] = str(path / "model")
     elif path.exists() or spec.endswith(".gguf") or spec.startswith((".", "/", "~")):

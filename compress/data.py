@@ -217,13 +217,15 @@ def _read_squad(path: Path | None, cfg) -> list[Example]:
             for p, para in enumerate(article["paragraphs"]):
                 context = truncate(para["context"], cfg.max_chars)
                 for qa in para["qas"]:
-                    answers = tuple(dict.fromkeys(x["text"].strip() for x in qa.get("answers", []) if x["text"].strip()))
+                    refs = (x["text"].strip() for x in qa.get("answers", []))
+                    answers = tuple(dict.fromkeys(r for r in refs if r))
                     if answers:  # SQuAD 2.0's unanswerable questions have none: not scorable here
                         out.append(Example(f"{context}\nQuestion: {qa['question'].strip()}", answers=answers,
                                            group=f"{a}.{p}"))
     except (json.JSONDecodeError, KeyError, TypeError) as e:
         raise CompressError(Problem("data.path", str(path), f"not a SQuAD-format file ({type(e).__name__}: {e}; "
-                                    "expected data[].paragraphs[].context and .qas[].question/.answers[].text)")) from None
+                                    "expected data[].paragraphs[].context and .qas[].question/.answers[].text)")
+                            ) from None
     return out
 
 

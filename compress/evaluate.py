@@ -398,7 +398,8 @@ def evaluate_fns(fn: LogitsFn, latency: LatencyFn | None, tokenizer, splits, dat
         record.update(exact_match=scored["exact_match"], f1=scored["f1"], predictions=scored["predictions"],
                       metric=data_cfg.metric)
         if reference is not None:  # F1 of its answers against the teacher's own
-            record["agreement"] = sum(token_f1(p, [r]) for p, r in zip(scored["predictions"], reference)) / len(reference)
+            pairs = zip(scored["predictions"], reference)
+            record["agreement"] = sum(token_f1(p, [r]) for p, r in pairs) / len(reference)
     elif eval_cfg.accuracy and splits.labelled:
         scored = score_accuracy(fn, tokenizer, splits, data_cfg, eval_cfg.batch_size, f"{name}: accuracy")
         record["accuracy"] = scored["accuracy"]

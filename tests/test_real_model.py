@@ -80,7 +80,8 @@ def test_smollm2_answers_squad_questions_and_distils_its_answers(tmp_path):
     from conftest import DATA
 
     proc = cli("run", "data=squad", f"data.path={DATA / 'squad' / 'squad_dev_v1.1.json'}", "data.eval_size=12",
-               "data.train_size=0", "data.unlabeled_size=8", "data.max_chars=600", "distill.max_length=256", "pipeline.stages=[evaluate,distill]", "distill=quick",
+               "data.train_size=0", "data.unlabeled_size=8", "data.max_chars=600", "distill.max_length=256",
+               "pipeline.stages=[evaluate,distill]", "distill=quick",
                "distill.pseudo_max_new_tokens=12", "eval=quick", "eval.latency=false", "eval.max_new_tokens=12",
                f"run.root={tmp_path}", "run.name=qa")
     assert proc.returncode == 0, proc.stderr[-3000:]
