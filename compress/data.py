@@ -258,7 +258,7 @@ def _require_fields(rows: list[dict], cfg, path: Path) -> None:
     have = list(rows[0].keys())
     problems = [Problem(f"data.{k}", getattr(cfg, k), f"no such field in {path.name}; its fields are: "
                         f"{', '.join(map(str, have))}")
-                for k in ("text_field", "label_field", "choices_field", "target_field")
+                for k in ("text_field", "label_field", "choices_field", "target_field", "group_field")
                 if getattr(cfg, k, None) is not None and getattr(cfg, k) not in have
                 and not (k == "label_field" and (cfg.format == "text" or cfg.target_field))]
     raise_if(problems, "bad data")

@@ -51,7 +51,9 @@ def test_smollm2_full_pipeline_few_steps(tmp_path):
     merged = AutoModelForCausalLM.from_pretrained(run / "01_finetune_teacher" / "model")
     assert merged.config.num_hidden_layers == 30 and not hasattr(merged.config, "quantization_config")
     base = AutoModelForCausalLM.from_pretrained(records[0]["path"])
-    assert isinstance(PeftModel.from_pretrained(base, run / "01_finetune_teacher" / "adapter"), PeftModel)
+    adapted = PeftModel.from_pretrained(base, run / "01_finetune_teacher" / "adapter")
+    assert adapted.peft_config["default"].r == 16 and adapted.peft_config["default"].lora_alpha == 32
+    assert any("lora_A" in n for n, _ in adapted.named_parameters())
     student = AutoModelForCausalLM.from_pretrained(run / "02_distill" / "model")
     assert student.config.num_hidden_layers == 10
 
