@@ -20,6 +20,7 @@ from pathlib import Path
 from compress import extras
 from compress.errors import CompressError, Problem, raise_if
 from compress.hub import hub_reachable
+from compress.runtime import truncate  # the exported runtime (predict.py) cuts its inputs the same way
 
 
 @dataclass
@@ -305,15 +306,6 @@ def data_path(cfg) -> Path | None:
                                         "data.path= the review CSV"))
         return path
     raise CompressError(Problem("data.path", None, f"data={cfg.name} reads a local file: set data.path=FILE"))
-
-
-def truncate(text: str, max_chars: int) -> str:
-    """Cut to at most `max_chars` characters, at a word boundary when there is one."""
-    text = " ".join(text.split())
-    if len(text) <= max_chars:
-        return text
-    cut = text[:max_chars]
-    return cut[: cut.rfind(" ")] if " " in cut else cut
 
 
 SIZES = ("eval_size", "train_size", "unlabeled_size")
