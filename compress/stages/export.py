@@ -8,6 +8,10 @@
    activations quantized on the fly) and `onnx-int4/` (4-bit weight-only MatMulNBits).
 4. Every variant is evaluated through onnxruntime (compress/ort.py) with the spine's evaluator;
    PyTorch fp32 decode speed is measured in the same process so each record carries a ratio.
+5. The task travels with the model: each folder gets `task.json` (the prompt around the input, the chat
+   template already rendered, labels and their continuations, generation settings, the metric),
+   `predict.py` (compress/runtime.py: onnxruntime, tokenizers and numpy only, scoring as step 4 did) and
+   a README that shows both; the stage's `predictions.json` holds each variant's eval predictions.
 
 Consumes: the student (the input's student role: distilled, pruned, the unquantized input of GPTQ, or
 the configured student after `evaluate`) and the teacher (for agreement). Produces: the ONNX forms
@@ -15,15 +19,18 @@ of the student, measured; the roles are handed on unchanged (an ONNX model is no
 """
 from __future__ import annotations
 
+import json
 import logging
+import shlex
 import shutil
 import time
+from importlib import metadata
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from compress import ort
+from compress import ort, runtime
 from compress.artifact import Artifact, write_json
 from compress.console import say
 from compress.data import load_splits
@@ -57,6 +64,7 @@ def run(cfg, src: Artifact, out: Path) -> dict:
     e = cfg.export
     splits = load_splits(cfg.data)
     model_dir = Path(src.student()["path"])
+    task = task_spec(loading.load_tokenizer(model_dir, _cpu(cfg.student), "student"), splits, cfg)  # fails early
     say(f"  exporting {model_dir} to ONNX (optimum, text-generation-with-past)")
     t0 = time.perf_counter()
     export_onnx(model_dir, out / FOLDERS["fp32"])
@@ -81,41 +89,49 @@ def run(cfg, src: Artifact, out: Path) -> dict:
         lm = ort.OnnxLM.open(out / FOLDERS[variant], threads, e.graph_optimization)
         parity[variant] = compare(torch_logits_fn(model), ort.logits_fn(lm), prompts, tok.pad_token_id)
         del lm
-    for variant in e.variants:
-        write_readme(out / FOLDERS[variant], variant, model_dir, parity)
 
     metrics = measure(cfg, src, out, model, tok, parity, threads)
     write_json(out / "parity.json", parity)
+    write_task(out, cfg, task, splits, metrics["records"], model_dir, parity, threads)
     return {**metrics, "parity": parity, "source": str(model_dir), "timings": timings}
 
 
 def reevaluate(cfg, src: Artifact, path: Path) -> dict:
-    """Measure the finished stage's ONNX models again (the evaluation settings changed)."""
-    import json
-
-    model, tok = loading.load(Path(src.student()["path"]), _cpu(cfg.student), "student")
+    """Measure the finished stage's ONNX models again (the evaluation settings changed), and write each
+    folder's task.json, predict.py and README again (generation settings and figures may have changed)."""
+    model_dir = Path(src.student()["path"])
+    model, tok = loading.load(model_dir, _cpu(cfg.student), "student")
     parity = json.loads((path / "parity.json").read_text())
     threads = cfg.export.threads or cfg.eval.threads or torch.get_num_threads()
-    return measure(cfg, src, path, model, tok, parity, threads)
+    splits = load_splits(cfg.data)
+    task = task_spec(tok, splits, cfg)
+    metrics = measure(cfg, src, path, model, tok, parity, threads)
+    write_task(path, cfg, task, splits, metrics["records"], model_dir, parity, threads)
+    return metrics
 
 
 def measure(cfg, src: Artifact, out: Path, model, tok, parity: dict, threads: int) -> dict:
     """One record per ONNX variant, measured through onnxruntime, with its decode speed relative
-    to the same model in PyTorch fp32 measured here, in this process."""
+    to the same model in PyTorch fp32 measured here, in this process; each variant's eval predictions
+    go to `predictions.json` (with the gold labels, as the evaluate stage writes them)."""
     splits = load_splits(cfg.data)
     torch_latency = _torch_latency(model, tok, splits, cfg) if cfg.eval.latency else {}
     params = count_params(model)
     del model
     teacher = src.teacher()
-    records = []
+    records, predictions = [], {"labels": [e.label for e in splits.eval]}
+    if splits.generative:
+        predictions["references"] = [list(e.answers) for e in splits.eval]
     for variant in cfg.export.variants:
         folder = out / FOLDERS[variant]
         measured = evaluate_onnx(folder, tok, splits, cfg, teacher.get("predictions"), f"onnx-{variant}", threads)
+        predictions[f"onnx-{variant}"] = measured.get("predictions")
         records.append(Record.of(NAME, "student", cfg.student.name, measured, backend="onnxruntime",
                                  variant=f"onnx-{variant}", path=str(folder), params=params,
                                  decode_vs_torch=ratio(measured.get("decode_tok_s"), torch_latency.get("decode_tok_s")),
                                  parity_top1=parity[variant]["top1"],
                                  parity_max_abs_diff=parity[variant]["max_abs_diff"]).to_dict())
+    write_json(out / "predictions.json", predictions)
     return {"records": records, "torch_fp32_latency": torch_latency, "threads": threads,
             "roles": carry(src, out)}
 
@@ -271,7 +287,7 @@ def quantize(variant: str, src: Path, dest: Path, e) -> None:
         q.process()
         q.model.save_model_to_file(str(dest / "model.onnx"), use_external_data_format=big)
     for f in src.iterdir():
-        if f.is_file() and not f.name.startswith("model.onnx") and f.name != "README.md":
+        if f.is_file() and not f.name.startswith("model.onnx") and f.name not in ("README.md", *TASK_FILES):
             shutil.copy2(f, dest / f.name)
 
 
@@ -296,61 +312,146 @@ def evaluate_onnx(folder: Path, tok, splits, cfg, reference, name: str, threads:
     return record
 
 
-# --------------------------------------------------------------------------- README
+# --------------------------------------------------------------------------- the task, predict.py, README
+
+
+TASK_FILES = (runtime.TASK_FILE, "predict.py")
+"""What write_task puts beside model.onnx (README.md too)."""
+SENTINEL = "\ue000text\ue000"
+"""Stands for the input while the prompt is rendered once (a private-use character: no template holds it)."""
+
+
+def task_spec(tok, splits, cfg) -> dict:
+    """task.json: everything compress.runtime needs to score as compress.evaluate does, without transformers.
+
+    The prompt is rendered once with a sentinel for the text (build_prompt: instruction, chat template, answer
+    prefix) and stored as the prefix and suffix around it; every eval example is checked to render the same
+    way, so a chat template that changes the text it wraps stops the stage here, before any export."""
+    d = cfg.data
+    chat = bool(d.use_chat_template and getattr(tok, "chat_template", None))
+    rendered = build_prompt(tok, SENTINEL, d)
+    prefix, _, suffix = rendered.partition(SENTINEL)
+    if rendered.count(SENTINEL) != 1 or any(prefix + e.text + suffix != build_prompt(tok, e.text, d)
+                                             for e in splits.eval):
+        raise CompressError(Problem("data.use_chat_template", d.use_chat_template, "the chat template does not "
+                                    "place the input text verbatim in the prompt, so the exported runtime "
+                                    "(predict.py) could not reproduce the measured prompts; set "
+                                    "data.use_chat_template=false, or use a model whose template keeps the text"))
+    kind = ("generative" if splits.generative else "choices" if any(e.choices is not None for e in splits.eval)
+            else "labels" if splits.labelled else "text")
+    return {"format": runtime.FORMAT, "task": d.name, "kind": kind, "metric": d.metric,
+            "prompt": {"prefix": prefix, "suffix": suffix, "add_special_tokens": not chat},
+            "use_chat_template": chat, "instruction": d.instruction, "answer_prefix": d.answer_prefix,
+            "max_chars": None if d.format == "squad" else d.max_chars,  # SQuAD cuts the passage, not the question
+            "verbalizers": dict(splits.verbalizers),
+            "generation": {"max_new_tokens": cfg.eval.max_new_tokens, "stop": ["\n"], "eos_token_id": tok.eos_token_id},
+            "batch_size": cfg.eval.batch_size, "pad_token_id": tok.pad_token_id,
+            "clean_up_tokenization_spaces": bool(getattr(tok, "clean_up_tokenization_spaces", False)),
+            "graph_optimization": cfg.export.graph_optimization}
+
+
+def write_task(out: Path, cfg, task: dict, splits, records: list[dict], source: Path, parity: dict,
+               threads: int) -> None:
+    """Each variant's folder gets task.json, predict.py (this package's runtime) and a README whose
+    example ran here, through predict.py's own code."""
+    example = readme_example(splits, task)
+    for variant, record in zip(cfg.export.variants, records):
+        folder = out / FOLDERS[variant]
+        write_json(folder / runtime.TASK_FILE, task)
+        tmp = folder / "predict.py.tmp"
+        shutil.copyfile(runtime.__file__, tmp)
+        tmp.replace(folder / "predict.py")
+        shown = runtime.Predictor.open(folder, threads).predict([example])[0]
+        write_readme(folder, variant, source, parity, task, record, example, shown, len(splits.eval))
+
+
+def readme_example(splits, task: dict) -> dict:
+    """The README's input: the shortest of the first eval examples (with its choices, in a choices task)."""
+    ex = min(splits.eval[:20], key=lambda e: len(e.text))
+    return {"text": ex.text, **({"choices": list(ex.choices)} if task["kind"] == "choices" else {})}
 
 
 README = """# {name}
 
-ONNX export of `{source}` made by `compress` (stage `export`, variant `{variant}`): a decoder with
-KV cache (optimum `text-generation-with-past`), {weights}. Files: `model.onnx` ({size:.0f} MB),
-`tokenizer.json`, `config.json`.
+`{source}` exported to ONNX by `compress` (stage `export`, variant `{variant}`): a decoder with KV cache
+(optimum `text-generation-with-past`), {weights}. It carries its task, `{task}`: {what}.
 
-Checked against PyTorch on {prompts} prompts ({tokens} tokens): max |logit difference| {diff:.3g},
-top-1 agreement {top1:.4f}.
+Measured by the export stage through onnxruntime on {n} eval examples: {figures}. Checked against
+PyTorch on {prompts} prompts ({tokens} tokens): max |logit difference| {diff:.3g}, top-1 agreement {top1:.4f}.
 
-## Run it with onnxruntime alone
+## Run it
 
 ```bash
-pip install onnxruntime==1.31.1 tokenizers==0.22.2 numpy
+pip install onnxruntime=={ort} tokenizers=={tokenizers} numpy
+{command}
 ```
 
-```python
-import numpy as np, onnxruntime as ort
-from tokenizers import Tokenizer
+prints
 
-tok = Tokenizer.from_file("tokenizer.json")
-sess = ort.InferenceSession("model.onnx")
-past = {{i.name: np.zeros((1, i.shape[1], 0, i.shape[3]), np.float32) for i in sess.get_inputs() if i.name.startswith("past")}}
-prompt = tok.encode("The best movie of the year is").ids
-ids, n, new = prompt, len(prompt), []
-for _ in range(24):  # greedy: one token per step, the KV cache fed back
-    feed = {{"input_ids": np.array([ids]), "attention_mask": np.ones((1, n), np.int64),
-            "position_ids": np.arange(n - len(ids), n)[None], **past}}
-    logits, *present = sess.run(None, feed)
-    past, ids = dict(zip(past, present)), [int(logits[0, -1].argmax())]
-    new, n = new + ids, n + 1
-print(tok.decode(new))
+```
+{output}
 ```
 
-## Or with optimum (brings torch and transformers)
+`python predict.py --file in.jsonl --out out.jsonl --threads 4` does a JSON-lines file: input lines
+`{input}`, output lines `{shape}`, in order. `predict.py` needs only onnxruntime, tokenizers and numpy, and
+scores as the export stage did.{chars}
 
-```python
-from optimum.onnxruntime import ORTModelForCausalLM  # pip install "optimum-onnx[onnxruntime]==0.1.0"
-from transformers import AutoTokenizer
+## Files
 
-model, tok = ORTModelForCausalLM.from_pretrained("."), AutoTokenizer.from_pretrained(".")
-print(tok.decode(model.generate(**tok("The best movie of the year is", return_tensors="pt"), max_new_tokens=24)[0]))
-```
+- `model.onnx` ({size:.0f} MB), `tokenizer.json`, `config.json`: the model (optimum loads it too:
+  `ORTModelForCausalLM.from_pretrained(".")`).
+- `task.json`: the task: the prompt around the input (`prompt.prefix` + text + `prompt.suffix`, {template}),
+  the labels and the continuation each is scored by, the generation settings, the metric.
+- `predict.py`: the runtime; in Python, `from predict import Predictor`, then
+  `Predictor.open(".", threads=4).predict([{{"text": ...}}])` (or `.classify`, `.generate`, `.complete`).
 """
 
 WEIGHTS = {"fp32": "fp32 weights",
            "int8": "int8 weights (ONNX Runtime dynamic quantization, per channel; activations quantized on the fly)",
            "int4": "4-bit weight-only MatMulNBits"}
+SHAPES = {"labels": '{"label": ..., "scores": {label: log-probability}}',
+          "choices": '{"label": ..., "scores": {choice: log-probability}}', "generative": '{"answer": ...}',
+          "text": '{"completion": ...}'}
 
 
-def write_readme(folder: Path, variant: str, source: Path, parity: dict) -> None:
+def _what(task: dict) -> str:
+    """The task in one phrase, for the README."""
+    kind, gen = task["kind"], task["generation"]
+    if kind == "labels":
+        labels = ", ".join(f"{k} (`{v}`)" for k, v in task["verbalizers"].items())
+        return f"labels {labels}, each scored by the summed log-probability of its continuation after the prompt"
+    if kind == "choices":
+        return ("each input's own choices, each scored by the summed log-probability of its continuation (\" \" + "
+                "choice) after the prompt")
+    if kind == "generative":
+        return (f"a greedy answer of up to {gen['max_new_tokens']} tokens, cut at the first newline, scored by "
+                f"{task['metric']}")
+    return f"none (plain text): the input is continued greedily for up to {gen['max_new_tokens']} tokens"
+
+
+def _figures(task: dict, record: dict) -> str:
+    names = {"labels": ("accuracy",), "choices": ("accuracy",), "generative": ("f1", "exact_match"), "text": ()}
+    figs = [f"{k.replace('_', ' ')} {record[k]:.4f}" for k in (*names[task["kind"]], "agreement", "perplexity")
+            if record.get(k) is not None]
+    return ", ".join(figs).replace("agreement", "agreement with the teacher") or "nothing (evaluation off)"
+
+
+def write_readme(folder: Path, variant: str, source: Path, parity: dict, task: dict, record: dict, example: dict,
+                 shown: dict, n: int) -> None:
     fig = parity[variant]
+    line = json.dumps(example, ensure_ascii=False)
+    command = (f"echo {shlex.quote(line)} > in.jsonl\npython predict.py --file in.jsonl" if "choices" in example
+               else f"python predict.py {shlex.quote(example['text'])}")
     (folder / "README.md").write_text(README.format(
         name=folder.name, source=source.name if source.name != "model" else source.parent.name, variant=variant,
-        weights=WEIGHTS[variant], size=weights_size_mb(folder), prompts=fig["prompts"], tokens=fig["tokens"],
-        diff=fig["max_abs_diff"], top1=fig["top1"]))
+        weights=WEIGHTS[variant], task=task["task"], what=_what(task), n=n, figures=_figures(task, record),
+        prompts=fig["prompts"], tokens=fig["tokens"], diff=fig["max_abs_diff"], top1=fig["top1"],
+        ort=metadata.version("onnxruntime"), tokenizers=metadata.version("tokenizers"), command=command,
+        output=json.dumps(shown, ensure_ascii=False),
+        input='{"text": ...}' + (', with "choices": [...]' if task["kind"] == "choices" else ""),
+        shape=SHAPES[task["kind"]],
+        chars=f" Inputs are cut to {task['max_chars']} characters, as the evaluation's were." if task["max_chars"]
+        else "",
+        template="the chat template already rendered, encoded as it is" if task["use_chat_template"]
+        else "encoded with the tokenizer's special tokens",
+        size=weights_size_mb(folder)))
