@@ -173,6 +173,17 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def cmd_predict(args) -> int:
+    from compress import runtime
+
+    if args.threads is not None and args.threads < 1:
+        raise CompressError(Problem("--threads", args.threads, "must be >= 1"))
+    try:
+        return runtime.predict_cli(Path(args.folder), args.texts, args.file, args.out, args.threads)
+    except runtime.BadInput as e:
+        raise CompressError(Problem(e.key, e.value, e.fix)) from None
+
+
 COMMANDS = {  # name: (function, one-line help)
     "run": (cmd_run, "run a pipeline of stages (default: the embedded SmolLM2 job) and report every stage"),
     "presets": (cmd_presets, "list every config group option and every stage, one line each"),
@@ -180,6 +191,7 @@ COMMANDS = {  # name: (function, one-line help)
     "report": (cmd_report, "rebuild a run's report.md and report.png from its results.json"),
     "check": (cmd_check, "gate a run on retained accuracy: exit 0 pass, 1 fail, 2 bad input"),
     "bench": (cmd_bench, "latency only (prefill at several prompt lengths, decode tok/s, peak memory) of a model"),
+    "predict": (cmd_predict, "run an exported ONNX folder's task (task.json) on texts: one JSON line each"),
     "plan": (cmd_plan, "estimate peak memory of fine-tuning (full / LoRA / QLoRA) and distillation; what fits"),
 }
 
@@ -214,6 +226,14 @@ def parser() -> argparse.ArgumentParser:
             sp.add_argument("--warmup", type=int, default=1, help="untimed runs first")
             sp.add_argument("--runs", type=int, default=5, help="timed runs; medians are reported")
             sp.add_argument("--json", metavar="PATH", help="also write the result as JSON")
+        if name == "predict":
+            sp.add_argument("folder", metavar="FOLDER", help="an exported folder: onnx/, onnx-int8/ or onnx-int4/ of "
+                            "a run's export stage")
+            sp.add_argument("texts", nargs="*", metavar="TEXT", help="texts to predict")
+            sp.add_argument("--file", help='JSON-lines input, one {"text": ...} per line ("choices": [...] for a '
+                            "task whose examples carry their own)")
+            sp.add_argument("--out", help="write the JSON lines here instead of stdout")
+            sp.add_argument("--threads", type=int, help="onnxruntime intra-op threads (default: onnxruntime's)")
         if name == "run":
             sp.add_argument("--dry-run", action="store_true", help="print the composed config and stop")
         if name == "plan":
