@@ -22,7 +22,10 @@ ALLOWED = {"numpy", "onnxruntime", "tokenizers", "json", "sys", "argparse", "pat
 FOLDERS = {"onnx": "onnx-fp32", "onnx-int8": "onnx-int8", "onnx-int4": "onnx-int4"}  # folder -> record variant
 LABELS = [*TINY, "pipeline=export", "export=cpu4bit"]
 GENERATIVE = ["teacher=tiny-random", "student=tiny-random", "data=squad", "eval=quick", "eval.max_new_tokens=8",
-              "data.max_chars=300", "data.eval_size=16", "pipeline=export", "export.variants=[fp32]"]
+              "data.max_chars=300", "data.eval_size=16", "data.use_chat_template=false", "pipeline=export",
+              "export.variants=[fp32]"]
+"""Without the chat template (the other encoding: with the tokenizer's special tokens), where the tiny model's
+greedy answers vary from token to token (in the template, it repeats one byte)."""
 
 
 def test_runtime_imports_only_numpy_onnxruntime_tokenizers_and_the_standard_library():
@@ -216,8 +219,10 @@ def test_predict_py_reproduces_the_measured_answers(generative_run, tmp_path):
     task = json.loads((stage / "onnx" / "task.json").read_text())
     assert task["kind"] == "generative" and task["metric"] == "f1" and task["max_chars"] is None
     assert task["generation"]["max_new_tokens"] == 8 and task["generation"]["eos_token_id"] is not None
+    assert task["prompt"]["add_special_tokens"] and task["prompt"]["prefix"].startswith("Answer the question")
     got = [g["answer"] for g in predict_py(stage / "onnx", [{"text": e.text} for e in splits.eval], tmp_path)]
-    assert got == json.loads((stage / "predictions.json").read_text())["onnx-fp32"]
+    assert got == json.loads((stage / "predictions.json").read_text())["onnx-fp32"]  # KV cache = no cache
+    assert len(set(got)) > 1 and all(len(set(a)) > 2 for a in got)  # not one byte repeated: the cache is read
     record, n = record_of(stage, "onnx"), len(splits.eval)
     assert sum(exact_match(a, e.answers) for a, e in zip(got, splits.eval)) / n == record["exact_match"]
     assert sum(token_f1(a, e.answers) for a, e in zip(got, splits.eval)) / n == record["f1"]
@@ -235,6 +240,45 @@ def test_raw_completion_stops_at_a_stop_string(generative_run):
     if free["text"][1:]:  # stop at the second character it wrote: cut before it
         (cut,) = p.complete(["The passage says"], max_new_tokens=6, stop=[free["text"][1]])
         assert cut["finish_reason"] == "stop" and free["text"][1] not in cut["text"]
+
+
+# --------------------------------------------------------------------------- choices of each example's own
+
+
+@pytest.fixture(scope="module")
+def choices_run(tmp_path_factory):
+    pool = ["a", "b", "red", "blue", "green apple", "no", "maybe"]
+    rows = [{"q": f"question {i}: which one?", "opts": [pool[(i * 5 + j * 3) % len(pool)] for j in range(3 + i % 2)],
+             "answer": i % 3} for i in range(60)]
+    path = tmp_path_factory.mktemp("choices") / "mc.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return stage_run(tmp_path_factory, ["teacher=tiny-random", "student=tiny-random", "data=jsonl", f"data.path={path}",
+                                        "data.text_field=q", "data.choices_field=opts", "data.label_field=answer",
+                                        "data.verbalizers={red: ' crimson'}", "data.eval_size=20", "eval=quick",
+                                        "eval.latency=false", "eval.perplexity=false", "pipeline=export",
+                                        "export.variants=[fp32]"], "C")
+
+
+def test_a_choices_task_takes_each_inputs_choices(choices_run, tmp_path):
+    stage, splits = choices_run
+    folder = stage / "onnx"
+    task = json.loads((folder / "task.json").read_text())
+    assert task["kind"] == "choices" and task["verbalizers"] == {"red": " crimson"}
+    got = predict_py(folder, [{"text": e.text, "choices": list(e.choices)} for e in splits.eval], tmp_path)
+    labels = [g["label"] for g in got]
+    assert labels == json.loads((stage / "predictions.json").read_text())["onnx-fp32"]
+    accuracy = sum(p == e.label for p, e in zip(labels, splits.eval)) / len(splits.eval)
+    assert accuracy == record_of(stage, "onnx")["accuracy"]
+    assert [list(g["scores"]) for g in got] == [list(e.choices) for e in splits.eval]
+    readme = (folder / "README.md").read_text()
+    command = re.search(r"```bash\n.*?\n(.*?)```", readme, re.S).group(1).strip()
+    assert command.startswith("echo '{") and "> in.jsonl\npython predict.py --file in.jsonl" in command
+    proc = subprocess.run(["bash", "-c", command.replace("python predict.py", f"{sys.executable} {folder}/predict.py")],
+                          capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    shown = json.loads(re.search(r"prints\n\n```\n(.*?)\n```", readme, re.S).group(1))
+    assert proc.returncode == 0 and json.loads(proc.stdout)["label"] == shown["label"], proc.stderr
+    proc = cli("predict", str(folder), "question 1: which one?")  # no choices given: say how to give them
+    assert proc.returncode == 2 and '"choices": ["...", "..."]' in proc.stderr and "Traceback" not in proc.stderr
 
 
 # --------------------------------------------------------------------------- outside compress's environment

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import logging
-import shlex
 import shutil
 import time
 from importlib import metadata
@@ -374,10 +373,12 @@ def readme_example(splits, task: dict) -> dict:
 README = """# {name}
 
 `{source}` exported to ONNX by `compress` (stage `export`, variant `{variant}`): a decoder with KV cache
-(optimum `text-generation-with-past`), {weights}. It carries its task, `{task}`: {what}.
+(optimum `text-generation-with-past`), {weights}.
+It carries its task, `{task}`: {what}.
 
-Measured by the export stage through onnxruntime on {n} eval examples: {figures}. Checked against
-PyTorch on {prompts} prompts ({tokens} tokens): max |logit difference| {diff:.3g}, top-1 agreement {top1:.4f}.
+Measured by the export stage through onnxruntime on {n} eval examples: {figures}.
+Checked against PyTorch on {prompts} prompts ({tokens} tokens): max |logit difference| {diff:.3g}, top-1
+agreement {top1:.4f}.
 
 ## Run it
 
@@ -392,16 +393,16 @@ prints
 {output}
 ```
 
-`python predict.py --file in.jsonl --out out.jsonl --threads 4` does a JSON-lines file: input lines
-`{input}`, output lines `{shape}`, in order. `predict.py` needs only onnxruntime, tokenizers and numpy, and
-scores as the export stage did.{chars}
+`python predict.py --file in.jsonl --out out.jsonl --threads 4` does a JSON-lines file, in order:
+input lines `{input}`, output lines `{shape}`.
+`predict.py` needs only onnxruntime, tokenizers and numpy, and scores as the export stage did.{chars}
 
 ## Files
 
-- `model.onnx` ({size:.0f} MB), `tokenizer.json`, `config.json`: the model (optimum loads it too:
+- `model.onnx` ({size:.1f} MB), `tokenizer.json`, `config.json`: the model (optimum loads it too:
   `ORTModelForCausalLM.from_pretrained(".")`).
-- `task.json`: the task: the prompt around the input (`prompt.prefix` + text + `prompt.suffix`, {template}),
-  the labels and the continuation each is scored by, the generation settings, the metric.
+- `task.json`: the task: the prompt around the input (`prompt.prefix` + text + `prompt.suffix`,
+  {template}), the labels and the continuation each is scored by, the generation settings, the metric.
 - `predict.py`: the runtime; in Python, `from predict import Predictor`, then
   `Predictor.open(".", threads=4).predict([{{"text": ...}}])` (or `.classify`, `.generate`, `.complete`).
 """
@@ -421,8 +422,9 @@ def _what(task: dict) -> str:
         labels = ", ".join(f"{k} (`{v}`)" for k, v in task["verbalizers"].items())
         return f"labels {labels}, each scored by the summed log-probability of its continuation after the prompt"
     if kind == "choices":
-        return ("each input's own choices, each scored by the summed log-probability of its continuation (\" \" + "
-                "choice) after the prompt")
+        named = "".join(f", `{v}` for {k}" for k, v in task["verbalizers"].items())
+        return ("each input's own choices, each scored by the summed log-probability of its continuation after the "
+                f"prompt (\" \" + the choice{named})")
     if kind == "generative":
         return (f"a greedy answer of up to {gen['max_new_tokens']} tokens, cut at the first newline, scored by "
                 f"{task['metric']}")
@@ -436,12 +438,17 @@ def _figures(task: dict, record: dict) -> str:
     return ", ".join(figs).replace("agreement", "agreement with the teacher") or "nothing (evaluation off)"
 
 
+def _quote(text: str) -> str:
+    """A shell word in single quotes (shlex.quote leaves a plain word bare)."""
+    return "'" + text.replace("'", "'\"'\"'") + "'"
+
+
 def write_readme(folder: Path, variant: str, source: Path, parity: dict, task: dict, record: dict, example: dict,
                  shown: dict, n: int) -> None:
     fig = parity[variant]
     line = json.dumps(example, ensure_ascii=False)
-    command = (f"echo {shlex.quote(line)} > in.jsonl\npython predict.py --file in.jsonl" if "choices" in example
-               else f"python predict.py {shlex.quote(example['text'])}")
+    command = (f"echo {_quote(line)} > in.jsonl\npython predict.py --file in.jsonl" if "choices" in example
+               else f"python predict.py {_quote(example['text'])}")
     (folder / "README.md").write_text(README.format(
         name=folder.name, source=source.name if source.name != "model" else source.parent.name, variant=variant,
         weights=WEIGHTS[variant], task=task["task"], what=_what(task), n=n, figures=_figures(task, record),
