@@ -27,9 +27,7 @@ import torch
 
 from compress import extras
 from compress.errors import CompressError, Problem
-
-
-GRAPH_LEVELS = ("disable", "basic", "extended", "all")
+from compress.runtime import GRAPH_LEVELS, session  # noqa: F401  (one CPU session for compress and predict.py)
 
 
 def require_onnx(key: str = "pipeline.stages") -> None:
@@ -43,21 +41,6 @@ def require_onnx(key: str = "pipeline.stages") -> None:
     if missing:
         raise CompressError(Problem(key, "export", f"needs {', '.join(missing)}, which are not installed: "
                                     f"run `{extras.install('onnx')}`"))
-
-
-def session(model_path: Path, threads: int | None = None, graph_level: str = "all"):
-    """An InferenceSession on the CPU with the given intra-op threads and graph optimization level."""
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    if threads:
-        opts.intra_op_num_threads = threads
-    opts.inter_op_num_threads = 1
-    opts.graph_optimization_level = {
-        "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL, "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
-        "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED, "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
-    }[graph_level]
-    return ort.InferenceSession(str(model_path), opts, providers=["CPUExecutionProvider"])
 
 
 @dataclass

@@ -40,6 +40,25 @@ answer cut at the first newline; text: no task (the input is continued as it is)
 DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
 
 
+GRAPH_LEVELS = ("disable", "basic", "extended", "all")
+
+
+def session(model_path: Path, threads: int | None = None, graph_level: str = "all"):
+    """An onnxruntime InferenceSession on the CPU with the given intra-op threads and graph optimization level
+    (compress.ort measures with the same sessions)."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    if threads:
+        opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    opts.graph_optimization_level = {
+        "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL, "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+        "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED, "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+    }[graph_level]
+    return ort.InferenceSession(str(model_path), opts, providers=["CPUExecutionProvider"])
+
+
 class BadInput(ValueError):
     """Input the user can fix: the key or argument at fault, its value, and what to do."""
 
@@ -111,7 +130,6 @@ class Predictor:
     @classmethod
     def open(cls, folder, threads: int | None = None) -> "Predictor":
         """Load `folder` (model.onnx, tokenizer.json, task.json) on the CPU with `threads` intra-op threads."""
-        import onnxruntime as ort
         from tokenizers import Tokenizer
 
         folder = Path(folder)
@@ -121,16 +139,7 @@ class Predictor:
         tok = Tokenizer.from_file(str(folder / "tokenizer.json"))
         tok.no_truncation()  # transformers encodes without the file's truncation or padding, so do we
         tok.no_padding()
-        opts = ort.SessionOptions()
-        if threads:
-            opts.intra_op_num_threads = threads
-        opts.inter_op_num_threads = 1
-        opts.graph_optimization_level = {
-            "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL, "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
-            "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
-            "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL}[task.get("graph_optimization", "all")]
-        sess = ort.InferenceSession(str(folder / "model.onnx"), opts, providers=["CPUExecutionProvider"])
-        return cls(folder, task, tok, sess)
+        return cls(folder, task, tok, session(folder / "model.onnx", threads, task.get("graph_optimization", "all")))
 
     # ------------------------------------------------------------------ tokens and logits
 
