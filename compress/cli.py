@@ -173,6 +173,18 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    from compress import serve
+
+    if not 0 < args.port < 65536:
+        raise CompressError(Problem("--port", args.port, "a TCP port in 1-65535, e.g. 8000"))
+    if args.max_batch < 1 or args.wait_ms < 0:
+        raise CompressError(Problem("--max-batch/--wait-ms", f"{args.max_batch}/{args.wait_ms}",
+                                    "max-batch >= 1 and wait-ms >= 0"))
+    serve.serve(_exported_folder(args.folder), args.host, args.port, args.threads, args.max_batch, args.wait_ms)
+    return 0
+
+
 COMMANDS = {  # name: (function, one-line help)
     "run": (cmd_run, "run a pipeline of stages (default: the embedded SmolLM2 job) and report every stage"),
     "presets": (cmd_presets, "list every config group option and every stage, one line each"),
@@ -181,6 +193,7 @@ COMMANDS = {  # name: (function, one-line help)
     "check": (cmd_check, "gate a run on retained accuracy: exit 0 pass, 1 fail, 2 bad input"),
     "bench": (cmd_bench, "latency only (prefill at several prompt lengths, decode tok/s, peak memory) of a model"),
     "plan": (cmd_plan, "estimate peak memory of fine-tuning (full / LoRA / QLoRA) and distillation; what fits"),
+    "serve": (cmd_serve, "serve an exported folder over HTTP: /v1/classify and OpenAI-compatible completions"),
 }
 
 
@@ -214,6 +227,15 @@ def parser() -> argparse.ArgumentParser:
             sp.add_argument("--warmup", type=int, default=1, help="untimed runs first")
             sp.add_argument("--runs", type=int, default=5, help="timed runs; medians are reported")
             sp.add_argument("--json", metavar="PATH", help="also write the result as JSON")
+        if name == "serve":
+            sp.add_argument("folder", metavar="FOLDER", help="an exported folder (model.onnx + task.json), e.g. "
+                            "RUN/05_export/onnx-int8")
+            sp.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+            sp.add_argument("--port", type=int, default=8000, help="TCP port (default 8000)")
+            sp.add_argument("--threads", type=int, help="onnxruntime intra-op threads (default: all cores)")
+            sp.add_argument("--max-batch", type=int, default=16, help="most inputs run together (default 16)")
+            sp.add_argument("--wait-ms", type=float, default=5.0,
+                            help="how long a batch waits for more concurrent requests (default 5 ms)")
         if name == "run":
             sp.add_argument("--dry-run", action="store_true", help="print the composed config and stop")
         if name == "plan":

@@ -23,7 +23,8 @@ class Record:
     variant: str = ""
     """Which form of the model: `base`, `qlora`, `pruned`, `recovered`, `gptq`, `onnx-int8`, ... (empty: as built)."""
     output: bool = True
-    """True when this is a model the stage hands on (False: an intermediate, e.g. pruned before recovery)."""
+    """True when this is a model the stage hands on (False: an intermediate, e.g. pruned before recovery, or a
+    baseline, e.g. the reference teacher exported to ONNX by `export`)."""
     path: str | None = None
     """The folder (or file) measured."""
     accuracy: float | None = None
@@ -112,7 +113,7 @@ def relate(records: list[Record]) -> dict:
     run's teachers: the reference is the last teacher measured (with an accuracy, if any has one), the base
     the `evaluate` stage's.
     Returns both teachers' identities for the results header."""
-    teachers = [r for r in records if r.role == "teacher"]
+    teachers = [r for r in records if r.role == "teacher" and r.output]  # not the teacher baselines of export
     base = next((r for r in teachers if r.stage == "evaluate"), teachers[0] if teachers else None)
     ref = next((r for r in reversed(teachers) if r.score is not None), teachers[-1] if teachers else None)
     for r in records:

@@ -48,13 +48,17 @@ def test_splits_never_share_a_paragraph(small_squad):
     assert s.answer(s.train[0]) == s.train[0].answers[0] + "\n" and "Question: " in s.eval[0].text
 
 
-def test_greedy_generation_matches_a_reference_loop(tiny_teacher):
-    """The batched, right-padded generator equals a one-prompt-at-a-time greedy loop in float64."""
-    from compress.evaluate import generate_greedy, torch_logits_fn
+@pytest.mark.parametrize("kind", ["kv-cache", "logits"])
+def test_greedy_generation_matches_a_reference_loop(tiny_teacher, kind):
+    """The batched generators (transformers' generate with the KV cache, left-padded; and the bare-logits
+    loop, right-padded) equal a one-prompt-at-a-time greedy loop in float64."""
+    from compress.evaluate import generate_greedy, logits_generate_fn, torch_generate_fn, torch_logits_fn
 
     _, model, tok = tiny_teacher
     prompts = ["Question: who?", "A much longer prompt about the Broncos and the Panthers, question: when?"]
-    got = generate_greedy(torch_logits_fn(model), tok, prompts, chat=False, max_new_tokens=5, batch_size=2)
+    gen = (torch_generate_fn(model, tok.pad_token_id, tok.eos_token_id) if kind == "kv-cache" else
+           logits_generate_fn(torch_logits_fn(model), tok.pad_token_id, tok.eos_token_id))
+    got = generate_greedy(gen, tok, prompts, chat=False, max_new_tokens=5, batch_size=2)
     m64 = model.to(torch.float64)
     try:
         for prompt, answer in zip(prompts, got):

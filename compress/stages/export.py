@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import shutil
 import time
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -37,7 +38,7 @@ from teachers import loading
 NAME = "export"
 CONSUMES = ("teacher", "student")
 PRODUCES: tuple[str, ...] = ()
-KEYS = ("teacher", "student", "data", "export", "run.seed")
+KEYS = ("teacher", "student", "data", "export", "report.baselines", "run.seed")
 SUMMARY = "ONNX export (optimum) checked against PyTorch, int8/int4 CPU variants, evaluated through onnxruntime"
 
 VARIANTS = ("fp32", "int8", "int4")
@@ -84,6 +85,8 @@ def run(cfg, src: Artifact, out: Path) -> dict:
     for variant in e.variants:
         write_readme(out / FOLDERS[variant], variant, model_dir, parity)
 
+    if cfg.report.baselines:
+        parity.update(export_baselines(cfg, src, out, splits, threads))
     metrics = measure(cfg, src, out, model, tok, parity, threads)
     write_json(out / "parity.json", parity)
     return {**metrics, "parity": parity, "source": str(model_dir), "timings": timings}
@@ -116,6 +119,8 @@ def measure(cfg, src: Artifact, out: Path, model, tok, parity: dict, threads: in
                                  decode_vs_torch=ratio(measured.get("decode_tok_s"), torch_latency.get("decode_tok_s")),
                                  parity_top1=parity[variant]["top1"],
                                  parity_max_abs_diff=parity[variant]["max_abs_diff"]).to_dict())
+    if cfg.report.baselines and (out / BASELINES["fp32"]).is_dir():
+        records += measure_baselines(cfg, src, out, splits, parity, threads)
     return {"records": records, "torch_fp32_latency": torch_latency, "threads": threads,
             "roles": carry(src, out)}
 
@@ -289,9 +294,10 @@ def evaluate_onnx(folder: Path, tok, splits, cfg, reference, name: str, threads:
     """Accuracy, agreement, perplexity and latency through an onnxruntime session, plus memory and size."""
     t0 = time.perf_counter()
     with peak_memory(torch.device("cpu")) as mem:
-        logits, latency = ort.open_onnx(folder, threads, cfg.export.graph_optimization)
-        record = evaluate_fns(logits, latency, tok, splits, cfg.data, cfg.eval, reference, name)
-        del logits, latency
+        lm = ort.OnnxLM.open(folder, threads, cfg.export.graph_optimization)
+        record = evaluate_fns(ort.logits_fn(lm), partial(ort.measure_latency, lm), tok, splits, cfg.data, cfg.eval, reference, name,
+                              ort.generate_fn(lm, tok.eos_token_id))
+        del lm
     record.update(peak_mem_mb=mem["peak_mem_mb"], size_mb=weights_size_mb(folder), eval_s=time.perf_counter() - t0)
     return record
 
@@ -354,3 +360,47 @@ def write_readme(folder: Path, variant: str, source: Path, parity: dict) -> None
         name=folder.name, source=source.name if source.name != "model" else source.parent.name, variant=variant,
         weights=WEIGHTS[variant], size=weights_size_mb(folder), prompts=fig["prompts"], tokens=fig["tokens"],
         diff=fig["max_abs_diff"], top1=fig["top1"]))
+
+
+# --------------------------------------------------------------------------- the teacher baseline
+
+
+BASELINES = {"fp32": "teacher-onnx", "int8": "teacher-onnx-int8"}
+"""Folders of the reference teacher's own ONNX forms: what a user gets by just quantizing the teacher."""
+
+
+def export_baselines(cfg, src: Artifact, out: Path, splits, threads: int) -> dict:
+    """The reference teacher exported like the student (ONNX fp32, checked against PyTorch, and int8);
+    returns their parity figures, keyed `teacher-fp32` and `teacher-int8`."""
+    t_dir = Path(src.teacher()["path"])
+    say(f"  baseline: the reference teacher {src.teacher().get('name', '')} to ONNX fp32 and int8 ({t_dir})")
+    export_onnx(t_dir, out / BASELINES["fp32"])
+    quantize("int8", out / BASELINES["fp32"], out / BASELINES["int8"], cfg.export)
+    model, tok = loading.load(t_dir, _cpu(cfg.teacher), "teacher")
+    prompts = parity_prompts(tok, splits, cfg.data, cfg.export.parity_prompts)
+    parity = {}
+    for variant, folder in BASELINES.items():
+        lm = ort.OnnxLM.open(out / folder, threads, cfg.export.graph_optimization)
+        parity[f"teacher-{variant}"] = compare(torch_logits_fn(model), ort.logits_fn(lm), prompts, tok.pad_token_id)
+        del lm
+    check_parity(parity["teacher-fp32"], cfg.export)
+    for variant, folder in BASELINES.items():
+        write_readme(out / folder, variant, t_dir, {variant: parity[f"teacher-{variant}"]})
+    return parity
+
+
+def measure_baselines(cfg, src: Artifact, out: Path, splits, parity: dict, threads: int) -> list[dict]:
+    """The teacher baselines measured through onnxruntime like the student's forms: role `teacher`, not an
+    output of the stage (`output` false: never the reference, never gated)."""
+    teacher = src.teacher()
+    tok = loading.load_tokenizer(Path(teacher["path"]), cfg.teacher, "teacher")
+    records = []
+    for variant, folder in BASELINES.items():
+        measured = evaluate_onnx(out / folder, tok, splits, cfg, teacher.get("predictions"),
+                                 f"teacher onnx-{variant}", threads)
+        fig = parity.get(f"teacher-{variant}", {})
+        records.append(Record.of(NAME, "teacher", teacher.get("name") or cfg.teacher.name, measured,
+                                 backend="onnxruntime", variant=f"onnx-{variant}", path=str(out / folder),
+                                 output=False, baseline=True, parity_top1=fig.get("top1"),
+                                 parity_max_abs_diff=fig.get("max_abs_diff")).to_dict())
+    return records
