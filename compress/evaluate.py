@@ -393,6 +393,7 @@ LatencyFn = Callable[[list[int], int, int, int], dict]
 
 def evaluate_fns(fn: LogitsFn, latency: LatencyFn | None, tokenizer, splits, data_cfg, eval_cfg,
                  reference: list[str] | None, name: str) -> dict:
+    """Every enabled measurement of one model given as a logits function and a latency function
     (any backend: PyTorch, ONNX Runtime, ...): a results record plus `predictions`. The record's
     `example_scores` are each eval example's score on the primary metric, in eval order."""
     record: dict = {}

@@ -159,35 +159,47 @@ def _legend(pts: list[dict]) -> list:
 def _place_labels(ax, pts: list[dict], key: str) -> None:
     """Label every point (after the layout is final) at the first free spot: beside it (right or left, above
     or below), else the nearest spot of a grid over the axes, with a leader line. A free spot lies inside the
-    axes and overlaps no marker, no error bar and no label placed so far."""
+    axes, overlaps no marker, no error bar and no label placed so far, and its leader crosses no label."""
     import numpy as np
 
     pts = [r for r in pts if r.get(key)]
     renderer = ax.figure.canvas.get_renderer()
     f = ax.get_window_extent(renderer)
     frame = (f.x0 + 2, f.y0 + 2, f.x1 - 2, f.y1 - 2)
-    taken = [_box(ax, r[key], r["retention"], r["retention"], 10) for r in pts]  # markers
-    taken += [_box(ax, r[key], *r["retention_ci"], 4) for r in pts if r.get("retention_ci")]  # error bars
+    marks = [_box(ax, r[key], r["retention"], r["retention"], 10) for r in pts]  # markers
+    marks += [_box(ax, r[key], *r["retention_ci"], 4) for r in pts if r.get("retention_ci")]  # error bars
+    labels: list[tuple] = []
     for x, y, text in _labels(pts, key):
         px, py = ax.transData.transform((x, y))
         note = ax.text(x, y, text, fontsize=9, ha="left", va="bottom", zorder=4)
         box = note.get_window_extent(renderer)
-        w, h = box.width, box.height
-        spots = _spots(px, py, w, h, frame)
-        ends = spots + np.array([w, h])
-        inside = ((spots[:, 0] >= frame[0]) & (spots[:, 1] >= frame[1]) & (ends[:, 0] <= frame[2])
-                  & (ends[:, 1] <= frame[3]))
-        t = np.array(taken).reshape(-1, 4)
-        clash = ((spots[:, None, 0] < t[None, :, 2] + 1) & (ends[:, None, 0] > t[None, :, 0] - 1)
-                 & (spots[:, None, 1] < t[None, :, 3] + 1) & (ends[:, None, 1] > t[None, :, 1] - 1)).any(axis=1)
-        free = np.flatnonzero(inside & ~clash)
-        lx, ly = spots[free[0] if len(free) else int(np.argmax(inside)) if inside.any() else 0]
+        spots = _spots(px, py, box.width, box.height, frame)
+        lx, ly = spots[_first_free(spots, (px, py), box.width, box.height, frame, marks + labels, labels)]
         note.set_position(ax.transData.inverted().transform((lx, ly)))
         box = note.get_window_extent(renderer)
-        taken.append((box.x0, box.y0, box.x1, box.y1))
+        labels.append((box.x0, box.y0, box.x1, box.y1))
         near = (min(max(px, box.x0), box.x1), min(max(py, box.y0), box.y1))  # the box's point nearest its point
         if np.hypot(near[0] - px, near[1] - py) > 14:
             ax.plot(*ax.transData.inverted().transform([(px, py), near]).T, color="gray", lw=0.6, zorder=2.8)
+
+
+def _first_free(spots, point, w: float, h: float, frame: tuple, taken: list[tuple], labels: list[tuple]) -> int:
+    """Index of the first spot (lower-left corner of a w x h box) inside `frame` that overlaps no `taken` box
+    and whose leader from `point` crosses no `labels` box; else the first inside the frame, else 0."""
+    import numpy as np
+
+    ends = spots + np.array([w, h])
+    ok = (spots[:, 0] >= frame[0]) & (spots[:, 1] >= frame[1]) & (ends[:, 0] <= frame[2]) & (ends[:, 1] <= frame[3])
+    inside = ok.copy()
+    t = np.array(taken).reshape(-1, 4) + np.array([-1, -1, 1, 1])  # (M, 4), a pixel apart
+    ok &= ~((spots[:, None, 0] < t[:, 2]) & (ends[:, None, 0] > t[:, 0])
+            & (spots[:, None, 1] < t[:, 3]) & (ends[:, None, 1] > t[:, 1])).any(axis=1)
+    near = np.clip(np.array(point), spots, ends)  # (N, 2): where each leader meets its box
+    along = np.array(point) + np.linspace(0, 1, 24)[None, :, None] * (near - np.array(point))[:, None, :]  # (N, 24, 2)
+    b = np.array(labels).reshape(-1, 4)
+    ok &= ~((along[:, :, None, 0] > b[:, 0]) & (along[:, :, None, 0] < b[:, 2]) & (along[:, :, None, 1] > b[:, 1])
+            & (along[:, :, None, 1] < b[:, 3])).any(axis=(1, 2))
+    return int(np.argmax(ok)) if ok.any() else int(np.argmax(inside))
 
 
 def _box(ax, x: float, y_low: float, y_high: float, half: float) -> tuple[float, float, float, float]:

@@ -122,14 +122,14 @@ def interval_of(record: dict, key: str) -> list[float] | None:
     return record.get("retention_ci") if key == "retention" else None
 
 
-def with_interval(value: float, ci: list[float] | None, fmt: str = "{:.3f}") -> str:
+def with_interval(value: float, ci: list[float] | None, fmt: str = "{:.3f}", sep: str = " ") -> str:
     """`0.780 [0.744, 0.816]`; the value alone without an interval."""
-    return fmt.format(value) + (f" [{fmt.format(ci[0])}, {fmt.format(ci[1])}]" if ci else "")
+    return fmt.format(value) + (f"{sep}[{fmt.format(ci[0])}, {fmt.format(ci[1])}]" if ci else "")
 
 
-def cells(record: dict) -> list[str]:
+def cells(record: dict, sep: str = " ") -> list[str]:
     """One record formatted as the table's cells (COLUMNS order); '-' where not measured; the primary metric
-    and retention with their 95% intervals, when the record has them."""
+    and retention with their 95% intervals, when the record has them (after `sep`)."""
     out = []
     for key, _, fmt in COLUMNS:
         v = record.get(key)
@@ -139,7 +139,7 @@ def cells(record: dict) -> list[str]:
             v = None
         if key == "params" and v is not None:
             v = v / 1e6
-        out.append("-" if v is None else with_interval(v, interval_of(record, key), fmt))
+        out.append("-" if v is None else with_interval(v, interval_of(record, key), fmt, sep))
     return out
 
 
@@ -152,11 +152,13 @@ def shown(records: list[dict]) -> list[int]:
 def table(records: list[dict], title: str = "results") -> Table:
     t = Table(title=title)
     keep = shown(records)
+    rows = [cells(r, sep="\n") for r in records]  # an interval under its value: the console is narrow
     for i in keep:
         header = COLUMNS[i][1]
         text = header in ("stage", "model", "form", "backend")
-        t.add_column(header, justify="left" if text else "right", overflow="fold", no_wrap=text)
-    for r in records:
-        row = cells(r)
+        interval = any("\n" in row[i] for row in rows)  # kept whole: `[0.744, 0.816]`
+        t.add_column(header, justify="left" if text else "right", overflow="fold", no_wrap=text or interval,
+                     min_width=max(len(line) for row in rows for line in row[i].split("\n")) if interval else None)
+    for row in rows:
         t.add_row(*[row[i] for i in keep])
     return t
