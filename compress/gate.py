@@ -147,5 +147,5 @@ def table(run_dir: Path, stage: str, rows: list[Check]) -> Table:
 def render(t: Table) -> str:
     """A rich table as plain text (for AssertionError messages)."""
     buf = io.StringIO()
-    Console(file=buf, width=140, color_system=None).print(t)
+    Console(file=buf, width=200, color_system=None).print(t)
     return buf.getvalue()
