@@ -81,6 +81,7 @@ def cmd_presets(args) -> int:
 def cmd_eval(args) -> int:
     from omegaconf import OmegaConf
 
+    from compress import stats
     from compress.artifact import write_json
     from compress.config import load_config
     from compress.data import load_splits
@@ -96,7 +97,9 @@ def cmd_eval(args) -> int:
     splits = load_splits(cfg.data)
     folder = loading.resolve(model_cfg, "teacher")
     record = evaluate_folder(folder, model_cfg, "teacher", splits, cfg)
-    record = Record.of("eval", "teacher", model_cfg.name, record, path=str(folder)).to_dict()
+    record = Record.of("eval", "teacher", model_cfg.name, record, path=str(folder))
+    record.score_ci = stats.mean_ci(record.example_scores)  # no run, no relate: only its own interval
+    record = record.to_dict()
     out.print(table([record], title=f"eval: {args.model} on {cfg.data.name}"))
     if args.out:
         write_json(Path(args.out), {"records": [record]})
@@ -152,7 +155,7 @@ def cmd_check(args) -> int:
 
     run = Path(args.run)
     stage, rows = gate.checks(run, args.min_retention, args.stage, Path(args.baseline) if args.baseline else None,
-                              args.max_drop, args.max_perplexity_ratio)
+                              args.max_drop, args.max_perplexity_ratio, args.confidence)
     out.print(gate.table(run, stage, rows))
     return 0 if all(c.passed for c in rows) else 1
 
@@ -212,9 +215,13 @@ def parser() -> argparse.ArgumentParser:
             sp.add_argument("--min-retention", type=float, default=0.9,
                             help="lowest allowed accuracy / reference teacher's accuracy (default 0.9)")
             sp.add_argument("--stage", help="stage to check (default: the last stage that evaluated a student)")
-            sp.add_argument("--baseline", metavar="OTHER_RUN", help="also compare accuracy with this run's same stage")
+            sp.add_argument("--baseline", metavar="OTHER_RUN", help="also compare the primary metric with the same "
+                            "record of this run (same eval examples), paired example by example")
             sp.add_argument("--max-drop", type=float, default=0.01,
-                            help="largest allowed accuracy fall against --baseline (default 0.01)")
+                            help="with --baseline, fail only when the drop is significant (its --confidence interval "
+                            "lies wholly above 0) AND larger than this (default 0.01)")
+            sp.add_argument("--confidence", type=float, default=0.95,
+                            help="confidence of the paired bootstrap interval of the drop, in (0, 1) (default 0.95)")
             sp.add_argument("--max-perplexity-ratio", type=float, metavar="R",
                             help="also fail when a student's perplexity exceeds R x the reference teacher's "
                             "(language ability: 1.5 allows 50%% more)")

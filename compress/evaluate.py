@@ -133,15 +133,16 @@ def choice_logprobs(logits_fn: LogitsFn, requests: list[Request], batch_size: in
 def score_accuracy(logits_fn: LogitsFn, tokenizer, splits, data_cfg, batch_size: int,
                    desc: str = "accuracy") -> dict:
     """Predictions (label names: each example's chosen choice) on the eval split, and accuracy against
-    the gold labels. Each example is scored over its own choices (`splits.continuations`)."""
+    the gold labels, with each example's score (`per_example`: 1 right, 0 wrong). Each example is scored
+    over its own choices (`splits.continuations`)."""
     chat = bool(data_cfg.use_chat_template and getattr(tokenizer, "chat_template", None))
     prompts = [build_prompt(tokenizer, e.text, data_cfg) for e in splits.eval]
     choices = [splits.continuations(e) for e in splits.eval]  # per example: choice -> continuation
     requests = encode_requests(tokenizer, prompts, [list(c.values()) for c in choices], chat)
     scores = choice_logprobs(logits_fn, requests, batch_size, tokenizer.pad_token_id, desc)  # (N, C), -inf padded
     predictions = [list(c)[k] for c, k in zip(choices, scores.argmax(dim=1).tolist())]
-    gold = [e.label for e in splits.eval]
-    return {"accuracy": sum(p == g for p, g in zip(predictions, gold)) / len(gold), "predictions": predictions}
+    right = [int(p == e.label) for p, e in zip(predictions, splits.eval)]
+    return {"accuracy": sum(right) / len(right), "predictions": predictions, "per_example": {"accuracy": right}}
 
 
 # --------------------------------------------------------------------------- generative tasks
@@ -273,14 +274,16 @@ def token_f1(prediction: str, references: tuple[str, ...] | list[str]) -> float:
 
 
 def score_generation(generate: GenerateFn, tokenizer, splits, data_cfg, eval_cfg, desc: str = "generating") -> dict:
-    """Greedy answers to the eval split, with exact match and F1 (best over each example's references)."""
+    """Greedy answers to the eval split, with exact match and F1 (best over each example's references), and
+    each example's scores (`per_example`)."""
     chat = bool(data_cfg.use_chat_template and getattr(tokenizer, "chat_template", None))
     prompts = [build_prompt(tokenizer, e.text, data_cfg) for e in splits.eval]
     answers = generate_greedy(generate, tokenizer, prompts, chat, eval_cfg.max_new_tokens, eval_cfg.batch_size, desc)
     refs = [e.answers for e in splits.eval]
-    n = len(answers)
-    return {"exact_match": sum(exact_match(a, r) for a, r in zip(answers, refs)) / n,
-            "f1": sum(token_f1(a, r) for a, r in zip(answers, refs)) / n, "predictions": answers}
+    em = [exact_match(a, r) for a, r in zip(answers, refs)]
+    f1 = [token_f1(a, r) for a, r in zip(answers, refs)]
+    return {"exact_match": sum(em) / len(em), "f1": sum(f1) / len(f1), "predictions": answers,
+            "per_example": {"exact_match": em, "f1": f1}}
 
 
 def agreement(predictions: list[str], reference: list[str]) -> float:
@@ -447,7 +450,8 @@ def evaluate_fns(fn: LogitsFn, latency: LatencyFn | None, tokenizer, splits, dat
                  reference: list[str] | None, name: str, generate: GenerateFn | None = None) -> dict:
     """Every enabled measurement of one model given as a logits function, a latency function and, for
     generative tasks, a generate function with a KV cache (any backend: PyTorch, ONNX Runtime, ...; without
-    one, generation runs on the logits function): a results record plus `predictions`."""
+    one, generation runs on the logits function): a results record plus `predictions`. The record's
+    `example_scores` are each eval example's score on the primary metric, in eval order."""
     record: dict = {}
     if eval_cfg.accuracy and splits.generative:
         generate = generate or logits_generate_fn(fn, tokenizer.pad_token_id, tokenizer.eos_token_id)
@@ -463,6 +467,8 @@ def evaluate_fns(fn: LogitsFn, latency: LatencyFn | None, tokenizer, splits, dat
         record["predictions"] = scored["predictions"]
         if reference is not None:
             record["agreement"] = agreement(scored["predictions"], reference)
+    if eval_cfg.accuracy and (splits.generative or splits.labelled):
+        record["example_scores"] = compact(scored["per_example"][record.get("metric", "accuracy")])
     blocks = perplexity_blocks(tokenizer, splits.perplexity, eval_cfg.perplexity_blocks,
                                eval_cfg.perplexity_block_tokens)
     if eval_cfg.perplexity:
@@ -472,6 +478,11 @@ def evaluate_fns(fn: LogitsFn, latency: LatencyFn | None, tokenizer, splits, dat
         record.update(latency(latency_prompt(tokenizer, blocks, eval_cfg.prefill_tokens), eval_cfg.decode_tokens,
                               eval_cfg.warmup_runs, eval_cfg.latency_runs))
     return record
+
+
+def compact(scores: list[float]) -> list[float]:
+    """Per-example scores as results.json keeps them: whole numbers as ints, others to 4 decimals."""
+    return [int(x) if float(x).is_integer() else round(x, 4) for x in scores]
 
 
 def latency_prompt(tokenizer, blocks: list[list[int]], tokens: int) -> list[int]:

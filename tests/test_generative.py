@@ -87,6 +87,9 @@ def test_squad_pipeline_fine_tunes_and_distils_on_answers(tmp_path, small_squad)
     for r in records:
         assert r["metric"] == "f1" and 0 <= r["f1"] <= 1 and 0 <= r["exact_match"] <= r["f1"] + 1e-9
         assert r["accuracy"] is None and 0 <= r["agreement"] <= 1
+        # the primary metric's per-example scores (F1, to 4 decimals) and its interval
+        assert len(r["example_scores"]) == 16 and sum(r["example_scores"]) / 16 == pytest.approx(r["f1"], abs=1e-4)
+        assert r["score_ci"][0] <= r["f1"] + 1e-4 and r["f1"] - 1e-4 <= r["score_ci"][1]
     student = records[-1]
     if records[2]["f1"]:  # retention over the task's metric, F1, against the fine-tuned teacher
         assert student["retention"] == pytest.approx(student["f1"] / records[2]["f1"])
@@ -109,6 +112,7 @@ def test_jsonl_with_target_field(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     teacher = json.loads((tmp_path / "J" / "results.json").read_text())["records"][0]
     assert teacher["metric"] == "exact_match" and teacher["exact_match"] is not None
+    assert sum(teacher["example_scores"]) / 12 == pytest.approx(teacher["exact_match"])
 
 
 def test_a_label_metric_on_a_generative_task_exits_2(tmp_path, small_squad):
