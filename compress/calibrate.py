@@ -25,6 +25,8 @@ import torch
 from compress.hub import cache_root, text_hash
 
 ATTENTION = ("sdpa", "eager")
+TORCH_THREADS = torch.get_num_threads()
+"""torch's own thread count, read at import (before any calibration changed it): the candidates' base."""
 
 
 def machine() -> str:
@@ -83,8 +85,7 @@ def calibrate(model, folder: Path, model_cfg, eval_cfg, fingerprint: str, cache:
     threads, attn_implementation, dtype, the timings of every candidate (seconds) and whether it came
     from the cache (`cache`, default `<cache root>/calibration.json`). One candidate (every axis fixed)
     is applied without timing."""
-    default_threads = torch.get_num_threads()
-    todo = candidates(eval_cfg, model_cfg, default_threads)
+    todo = candidates(eval_cfg, model_cfg, TORCH_THREADS)
     key = text_hash(json.dumps([fingerprint, machine(), todo]))[:24]
     cache = cache or cache_root() / "calibration.json"
     known = _read(cache)

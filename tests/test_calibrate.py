@@ -32,7 +32,7 @@ def test_calibration_picks_a_timed_candidate_applies_it_and_caches_it(tiny_teach
     threads = torch.get_num_threads()
     try:
         first = calibrate.calibrate(model, folder, cfg.teacher, cfg.eval, "fp-1")
-        todo = calibrate.candidates(cfg.eval, cfg.teacher, threads)
+        todo = calibrate.candidates(cfg.eval, cfg.teacher, calibrate.TORCH_THREADS)
         assert not first["cached"] and len(first["timings"]) == len(todo)
         best = min(first["timings"], key=first["timings"].get)
         assert best == f"{first['threads']} threads, {first['attn_implementation']}, {first['dtype']}"
