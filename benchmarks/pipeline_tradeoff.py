@@ -19,31 +19,38 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "pipeline_tradeoff.json")
-    p.add_argument("overrides", nargs="*", metavar="OVERRIDE")
-    args = p.parse_args()
+def run_and_record(overrides: list[str], out: Path, name: str) -> dict:
+    """`compress run` with `overrides` (run.name defaults to `name`, so a rerun resumes); writes `out`:
+    hardware (load average included), overrides, wall time and the run's results.json. Returns that."""
     sys.path.insert(0, str(ROOT))
     from compress.cli import _quiet
     from compress.config import given_keys, load_config
     from compress.console import say
     from compress.pipeline import preflight, run_pipeline
+    from compress.results import hardware
 
     _quiet()
-    overrides = args.overrides if any(o.startswith("run.name=") for o in args.overrides) \
-        else ["run.name=pipeline_tradeoff", *args.overrides]
+    overrides = overrides if any(o.startswith("run.name=") for o in overrides) else [f"run.name={name}", *overrides]
     cfg = load_config(overrides)
     preflight(cfg, given_keys(overrides))
     t0 = time.perf_counter()
+    start = hardware()
     run = run_pipeline(cfg)  # prints the results table, writes results.json/csv and the report
     res = json.loads((run / "results.json").read_text())
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    from compress.results import hardware
+    result = {"hardware": start, "load_average_end": hardware()["load_average"], "run": str(run),
+              "overrides": overrides, "wall_s": time.perf_counter() - t0, "report": str(run / "report.md"), **res}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2, default=str))
+    say(f"wrote {out} (report: {run / 'report.md'}, {run / 'report.png'})")
+    return result
 
-    args.out.write_text(json.dumps({"hardware": hardware(), "run": str(run), "overrides": args.overrides, "wall_s": time.perf_counter() - t0,
-                                    "report": str(run / "report.md"), **res}, indent=2, default=str))
-    say(f"wrote {args.out} (report: {run / 'report.md'}, {run / 'report.png'})")
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "pipeline_tradeoff.json")
+    p.add_argument("overrides", nargs="*", metavar="OVERRIDE")
+    args = p.parse_args()
+    run_and_record(args.overrides, args.out, "pipeline_tradeoff")
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import platform
+import re
 import shutil
 from dataclasses import dataclass
 from importlib import metadata
@@ -91,10 +92,19 @@ def finish(tmp: Path, final: Path, metrics: dict, manifest: dict) -> None:
 
 
 def write_json(path: Path, data) -> None:
-    """Write JSON through a temporary file so a crash never leaves half a file."""
+    """Write JSON through a temporary file so a crash never leaves half a file; a list of numbers (per-example
+    scores) on one line."""
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=str))
+    tmp.write_text(_NUMBER_LIST.sub(_one_line, json.dumps(data, indent=2, default=str)))
     tmp.replace(path)
+
+
+_NUMBER_LIST = re.compile(r"\[\n[\d\s.,eE+-]*\]")
+"""An indented JSON list of numbers only (a string never holds a raw newline, so no string matches)."""
+
+
+def _one_line(m: re.Match) -> str:
+    return "[" + ", ".join(x.strip() for x in m.group(0)[1:-1].split(",")) + "]"
 
 
 def versions() -> dict[str, str]:

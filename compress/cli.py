@@ -81,6 +81,7 @@ def cmd_presets(args) -> int:
 def cmd_eval(args) -> int:
     from omegaconf import OmegaConf
 
+    from compress import stats
     from compress.artifact import write_json
     from compress.config import load_config
     from compress.data import load_splits
@@ -96,7 +97,9 @@ def cmd_eval(args) -> int:
     splits = load_splits(cfg.data)
     folder = loading.resolve(model_cfg, "teacher")
     record = evaluate_folder(folder, model_cfg, "teacher", splits, cfg)
-    record = Record.of("eval", "teacher", model_cfg.name, record, path=str(folder)).to_dict()
+    record = Record.of("eval", "teacher", model_cfg.name, record, path=str(folder))
+    record.score_ci = stats.mean_ci(record.example_scores)  # no run, no relate: only its own interval
+    record = record.to_dict()
     out.print(table([record], title=f"eval: {args.model} on {cfg.data.name}"))
     if args.out:
         write_json(Path(args.out), {"records": [record]})
@@ -152,7 +155,7 @@ def cmd_check(args) -> int:
 
     run = Path(args.run)
     stage, rows = gate.checks(run, args.min_retention, args.stage, Path(args.baseline) if args.baseline else None,
-                              args.max_drop, args.max_perplexity_ratio)
+                              args.max_drop, args.max_perplexity_ratio, args.confidence)
     out.print(gate.table(run, stage, rows))
     return 0 if all(c.passed for c in rows) else 1
 
@@ -173,15 +176,39 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def _exported_folder(spec: str) -> Path:
+    """FOLDER of `compress predict` and `compress serve`: an exported folder (model.onnx and task.json)."""
+    from compress import runtime
+
+    folder = Path(spec).expanduser()
+    try:
+        runtime.read_task(folder)
+    except runtime.BadInput as e:
+        raise CompressError(Problem(e.key, e.value, e.fix)) from None
+    return folder
+
+
 def cmd_predict(args) -> int:
     from compress import runtime
 
     if args.threads is not None and args.threads < 1:
         raise CompressError(Problem("--threads", args.threads, "must be >= 1"))
     try:
-        return runtime.predict_cli(Path(args.folder), args.texts, args.file, args.out, args.threads)
+        return runtime.predict_cli(_exported_folder(args.folder), args.texts, args.file, args.out, args.threads)
     except runtime.BadInput as e:
         raise CompressError(Problem(e.key, e.value, e.fix)) from None
+
+
+def cmd_serve(args) -> int:
+    from compress import serve
+
+    if not 0 < args.port < 65536:
+        raise CompressError(Problem("--port", args.port, "a TCP port in 1-65535, e.g. 8000"))
+    if args.max_batch < 1 or args.wait_ms < 0:
+        raise CompressError(Problem("--max-batch/--wait-ms", f"{args.max_batch}/{args.wait_ms}",
+                                    "max-batch >= 1 and wait-ms >= 0"))
+    serve.serve(_exported_folder(args.folder), args.host, args.port, args.threads, args.max_batch, args.wait_ms)
+    return 0
 
 
 COMMANDS = {  # name: (function, one-line help)
@@ -193,6 +220,7 @@ COMMANDS = {  # name: (function, one-line help)
     "bench": (cmd_bench, "latency only (prefill at several prompt lengths, decode tok/s, peak memory) of a model"),
     "predict": (cmd_predict, "run an exported ONNX folder's task (task.json) on texts: one JSON line each"),
     "plan": (cmd_plan, "estimate peak memory of fine-tuning (full / LoRA / QLoRA) and distillation; what fits"),
+    "serve": (cmd_serve, "serve an exported folder over HTTP: /v1/classify and OpenAI-compatible completions"),
 }
 
 
@@ -211,9 +239,13 @@ def parser() -> argparse.ArgumentParser:
             sp.add_argument("--min-retention", type=float, default=0.9,
                             help="lowest allowed accuracy / reference teacher's accuracy (default 0.9)")
             sp.add_argument("--stage", help="stage to check (default: the last stage that evaluated a student)")
-            sp.add_argument("--baseline", metavar="OTHER_RUN", help="also compare accuracy with this run's same stage")
+            sp.add_argument("--baseline", metavar="OTHER_RUN", help="also compare the primary metric with the same "
+                            "record of this run (same eval examples), paired example by example")
             sp.add_argument("--max-drop", type=float, default=0.01,
-                            help="largest allowed accuracy fall against --baseline (default 0.01)")
+                            help="with --baseline, fail only when the drop is significant (its --confidence interval "
+                            "lies wholly above 0) AND larger than this (default 0.01)")
+            sp.add_argument("--confidence", type=float, default=0.95,
+                            help="confidence of the paired bootstrap interval of the drop, in (0, 1) (default 0.95)")
             sp.add_argument("--max-perplexity-ratio", type=float, metavar="R",
                             help="also fail when a student's perplexity exceeds R x the reference teacher's "
                             "(language ability: 1.5 allows 50%% more)")
@@ -234,6 +266,15 @@ def parser() -> argparse.ArgumentParser:
                             "task whose examples carry their own)")
             sp.add_argument("--out", help="write the JSON lines here instead of stdout")
             sp.add_argument("--threads", type=int, help="onnxruntime intra-op threads (default: onnxruntime's)")
+        if name == "serve":
+            sp.add_argument("folder", metavar="FOLDER", help="an exported folder (model.onnx + task.json), e.g. "
+                            "RUN/05_export/onnx-int8")
+            sp.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+            sp.add_argument("--port", type=int, default=8000, help="TCP port (default 8000)")
+            sp.add_argument("--threads", type=int, help="onnxruntime intra-op threads (default: all cores)")
+            sp.add_argument("--max-batch", type=int, default=16, help="most inputs run together (default 16)")
+            sp.add_argument("--wait-ms", type=float, default=5.0,
+                            help="how long a batch waits for more concurrent requests (default 5 ms)")
         if name == "run":
             sp.add_argument("--dry-run", action="store_true", help="print the composed config and stop")
         if name == "plan":

@@ -5,7 +5,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 console = Console(stderr=True)
-out = Console(width=None if Console().is_terminal else 200)  # logs: room for the results table
+out = Console(width=None if Console().is_terminal else 240)  # logs: room for the results table and its intervals
 
 
 def progress() -> Progress:

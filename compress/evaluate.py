@@ -133,56 +133,111 @@ def choice_logprobs(logits_fn: LogitsFn, requests: list[Request], batch_size: in
 def score_accuracy(logits_fn: LogitsFn, tokenizer, splits, data_cfg, batch_size: int,
                    desc: str = "accuracy") -> dict:
     """Predictions (label names: each example's chosen choice) on the eval split, and accuracy against
-    the gold labels. Each example is scored over its own choices (`splits.continuations`)."""
+    the gold labels, with each example's score (`per_example`: 1 right, 0 wrong). Each example is scored
+    over its own choices (`splits.continuations`)."""
     chat = bool(data_cfg.use_chat_template and getattr(tokenizer, "chat_template", None))
     prompts = [build_prompt(tokenizer, e.text, data_cfg) for e in splits.eval]
     choices = [splits.continuations(e) for e in splits.eval]  # per example: choice -> continuation
     requests = encode_requests(tokenizer, prompts, [list(c.values()) for c in choices], chat)
     scores = choice_logprobs(logits_fn, requests, batch_size, tokenizer.pad_token_id, desc)  # (N, C), -inf padded
     predictions = [list(c)[k] for c, k in zip(choices, scores.argmax(dim=1).tolist())]
-    gold = [e.label for e in splits.eval]
-    return {"accuracy": sum(p == g for p, g in zip(predictions, gold)) / len(gold), "predictions": predictions}
+    right = [int(p == e.label) for p, e in zip(predictions, splits.eval)]
+    return {"accuracy": sum(right) / len(right), "predictions": predictions, "per_example": {"accuracy": right}}
 
 
 # --------------------------------------------------------------------------- generative tasks
 
 
-@torch.inference_mode()
-def generate_greedy(logits_fn: LogitsFn, tokenizer, prompts: list[str], chat: bool, max_new_tokens: int,
-                    batch_size: int, desc: str = "generating") -> list[str]:
-    """Each prompt's greedy continuation, cut at the first newline (or EOS), stripped.
+GenerateFn = Callable[[list[list[int]], int, Callable[[list[int]], bool]], list[list[int]]]
+"""(prompts' token ids, max new tokens, stop(new ids) -> bool) -> each prompt's greedy new tokens, EOS
+excluded, ending where `stop` first holds (that token kept) or after max new tokens. Backends with a KV
+cache supply their own (`torch_generate_fn`, `compress.ort.generate_fn`); `logits_generate_fn` turns any
+logits function into one."""
 
-    Only a logits function is needed, so every backend generates the same way: each step runs the
-    right-padded batch and reads the next-token logits at each sequence's last real position (no KV
-    cache: answers are short)."""
-    eos, pad_id = tokenizer.eos_token_id, tokenizer.pad_token_id
+
+def torch_generate_fn(model, pad_id: int, eos: int | None) -> GenerateFn:
+    """Greedy decoding with the model's KV cache (transformers' `generate`), left-padded batches."""
+    from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList
+
+    device = next(model.parameters()).device
+
+    class Stop(StoppingCriteria):
+        def __init__(self, start: int, stop):
+            self.start, self.stop = start, stop
+
+        def __call__(self, input_ids, scores, **kwargs) -> torch.Tensor:  # (B,) bool: finished
+            return torch.tensor([self.stop(row[self.start:].tolist()) for row in input_ids], device=input_ids.device)
+
+    @torch.inference_mode()
+    def generate(prompts: list[list[int]], max_new_tokens: int, stop) -> list[list[int]]:
+        width = max(len(p) for p in prompts)
+        ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)  # (B, T), left-padded
+        mask = torch.zeros_like(ids)
+        for i, p in enumerate(prompts):
+            ids[i, width - len(p):], mask[i, width - len(p):] = torch.tensor(p), 1
+        config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad_id,
+                                  eos_token_id=eos)
+        out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=config,
+                             stopping_criteria=StoppingCriteriaList([Stop(width, stop)]))  # (B, T + N)
+        return [cut(row, eos, stop) for row in out[:, width:].tolist()]
+
+    return generate
+
+
+def logits_generate_fn(logits_fn: LogitsFn, pad_id: int, eos: int | None) -> GenerateFn:
+    """Greedy decoding from a bare logits function: each step runs the right-padded batch again (no KV
+    cache) and reads each sequence's next-token logits at its last real position. For backends that only
+    score (llama.cpp's logits); slow for long answers."""
+
+    def generate(prompts: list[list[int]], max_new_tokens: int, stop) -> list[list[int]]:
+        seqs, new, done = [list(p) for p in prompts], [[] for _ in prompts], [False] * len(prompts)
+        for _ in range(max_new_tokens):
+            ids, mask = pad(seqs, pad_id)  # (B, T)
+            last = sorted({len(s) - 1 for s in seqs})
+            logits = logits_fn(ids, mask, last)  # (B, K, V)
+            for b, s in enumerate(seqs):
+                if done[b]:
+                    continue
+                token = int(logits[b, last.index(len(s) - 1)].argmax())
+                if token == eos:
+                    done[b] = True
+                    continue
+                s.append(token)
+                new[b].append(token)
+                done[b] = stop(new[b])
+            if all(done):
+                break
+        return new
+
+    return generate
+
+
+def cut(tokens: list[int], eos: int | None, stop) -> list[int]:
+    """`tokens` up to (not including) the first EOS, and up to (including) the first token where `stop` holds."""
+    kept: list[int] = []
+    for t in tokens:
+        if t == eos:
+            break
+        kept.append(t)
+        if stop(kept):
+            break
+    return kept
+
+
+def generate_greedy(generate: GenerateFn, tokenizer, prompts: list[str], chat: bool, max_new_tokens: int,
+                    batch_size: int, desc: str = "generating") -> list[str]:
+    """Each prompt's greedy continuation, cut at the first newline (or EOS), stripped; batches of similar
+    prompt lengths, in any backend's `GenerateFn`."""
     encoded = [_encode(tokenizer, p, chat) for p in prompts]
     order = sorted(range(len(prompts)), key=lambda i: -len(encoded[i]))  # similar lengths together
+    stop = lambda new: "\n" in tokenizer.decode(new)  # noqa: E731
     out = [""] * len(prompts)
     with progress() as bar:
         task = bar.add_task(desc, total=len(prompts))
         for start in range(0, len(order), batch_size):
             idx = order[start: start + batch_size]
-            seqs, new = [list(encoded[i]) for i in idx], [[] for _ in idx]
-            done = [False] * len(idx)
-            for _ in range(max_new_tokens):
-                ids, mask = pad(seqs, pad_id)  # (B, T)
-                last = sorted({len(s) - 1 for s in seqs})
-                logits = logits_fn(ids, mask, last)  # (B, K, V)
-                for b, s in enumerate(seqs):
-                    if done[b]:
-                        continue
-                    token = int(logits[b, last.index(len(s) - 1)].argmax())
-                    if token == eos:
-                        done[b] = True
-                        continue
-                    s.append(token)
-                    new[b].append(token)
-                    done[b] = "\n" in tokenizer.decode(new[b])
-                if all(done):
-                    break
-            for b, i in enumerate(idx):
-                out[i] = tokenizer.decode(new[b], skip_special_tokens=True).split("\n")[0].strip()
+            for i, new in zip(idx, generate([encoded[i] for i in idx], max_new_tokens, stop)):
+                out[i] = tokenizer.decode(new, skip_special_tokens=True).split("\n")[0].strip()
             bar.advance(task, len(idx))
     return out
 
@@ -218,15 +273,17 @@ def token_f1(prediction: str, references: tuple[str, ...] | list[str]) -> float:
     return max(f1(pred, normalize_answer(r).split()) for r in references)
 
 
-def score_generation(logits_fn: LogitsFn, tokenizer, splits, data_cfg, eval_cfg, desc: str = "generating") -> dict:
-    """Greedy answers to the eval split, with exact match and F1 (best over each example's references)."""
+def score_generation(generate: GenerateFn, tokenizer, splits, data_cfg, eval_cfg, desc: str = "generating") -> dict:
+    """Greedy answers to the eval split, with exact match and F1 (best over each example's references), and
+    each example's scores (`per_example`)."""
     chat = bool(data_cfg.use_chat_template and getattr(tokenizer, "chat_template", None))
     prompts = [build_prompt(tokenizer, e.text, data_cfg) for e in splits.eval]
-    answers = generate_greedy(logits_fn, tokenizer, prompts, chat, eval_cfg.max_new_tokens, eval_cfg.batch_size, desc)
+    answers = generate_greedy(generate, tokenizer, prompts, chat, eval_cfg.max_new_tokens, eval_cfg.batch_size, desc)
     refs = [e.answers for e in splits.eval]
-    n = len(answers)
-    return {"exact_match": sum(exact_match(a, r) for a, r in zip(answers, refs)) / n,
-            "f1": sum(token_f1(a, r) for a, r in zip(answers, refs)) / n, "predictions": answers}
+    em = [exact_match(a, r) for a, r in zip(answers, refs)]
+    f1 = [token_f1(a, r) for a, r in zip(answers, refs)]
+    return {"exact_match": sum(em) / len(em), "f1": sum(f1) / len(f1), "predictions": answers,
+            "per_example": {"exact_match": em, "f1": f1}}
 
 
 def agreement(predictions: list[str], reference: list[str]) -> float:
@@ -380,8 +437,9 @@ def evaluate_torch(model, tokenizer, splits, data_cfg, eval_cfg, reference: list
         return measure_latency(model, prompt, decode_tokens, warmup, runs)
 
     record = {"params": count_params(model)}
+    generate = torch_generate_fn(model, tokenizer.pad_token_id, tokenizer.eos_token_id)
     return {**record, **evaluate_fns(torch_logits_fn(model), latency, tokenizer, splits, data_cfg, eval_cfg,
-                                     reference, name)}
+                                     reference, name, generate)}
 
 
 LatencyFn = Callable[[list[int], int, int, int], dict]
@@ -389,12 +447,15 @@ LatencyFn = Callable[[list[int], int, int, int], dict]
 
 
 def evaluate_fns(fn: LogitsFn, latency: LatencyFn | None, tokenizer, splits, data_cfg, eval_cfg,
-                 reference: list[str] | None, name: str) -> dict:
-    """Every enabled measurement of one model given as a logits function and a latency function
-    (any backend: PyTorch, ONNX Runtime, ...): a results record plus `predictions`."""
+                 reference: list[str] | None, name: str, generate: GenerateFn | None = None) -> dict:
+    """Every enabled measurement of one model given as a logits function, a latency function and, for
+    generative tasks, a generate function with a KV cache (any backend: PyTorch, ONNX Runtime, ...; without
+    one, generation runs on the logits function): a results record plus `predictions`. The record's
+    `example_scores` are each eval example's score on the primary metric, in eval order."""
     record: dict = {}
     if eval_cfg.accuracy and splits.generative:
-        scored = score_generation(fn, tokenizer, splits, data_cfg, eval_cfg, f"{name}: answers")
+        generate = generate or logits_generate_fn(fn, tokenizer.pad_token_id, tokenizer.eos_token_id)
+        scored = score_generation(generate, tokenizer, splits, data_cfg, eval_cfg, f"{name}: answers")
         record.update(exact_match=scored["exact_match"], f1=scored["f1"], predictions=scored["predictions"],
                       metric=data_cfg.metric)
         if reference is not None:  # F1 of its answers against the teacher's own
@@ -406,6 +467,8 @@ def evaluate_fns(fn: LogitsFn, latency: LatencyFn | None, tokenizer, splits, dat
         record["predictions"] = scored["predictions"]
         if reference is not None:
             record["agreement"] = agreement(scored["predictions"], reference)
+    if eval_cfg.accuracy and (splits.generative or splits.labelled):
+        record["example_scores"] = compact(scored["per_example"][record.get("metric", "accuracy")])
     blocks = perplexity_blocks(tokenizer, splits.perplexity, eval_cfg.perplexity_blocks,
                                eval_cfg.perplexity_block_tokens)
     if eval_cfg.perplexity:
@@ -415,6 +478,11 @@ def evaluate_fns(fn: LogitsFn, latency: LatencyFn | None, tokenizer, splits, dat
         record.update(latency(latency_prompt(tokenizer, blocks, eval_cfg.prefill_tokens), eval_cfg.decode_tokens,
                               eval_cfg.warmup_runs, eval_cfg.latency_runs))
     return record
+
+
+def compact(scores: list[float]) -> list[float]:
+    """Per-example scores as results.json keeps them: whole numbers as ints, others to 4 decimals."""
+    return [int(x) if float(x).is_integer() else round(x, 4) for x in scores]
 
 
 def latency_prompt(tokenizer, blocks: list[list[int]], tokens: int) -> list[int]:

@@ -3,9 +3,16 @@
 The gate follows roles: it checks the students a stage hands on (`output` records: the recovered
 student of prune, not the pruned one before recovery; the GPTQ student of quantize; every ONNX form
 of export), by default of the last stage that produced a student; a stage that made no student
-(finetune_teacher) is checked on its teachers. Each must keep `retention >= min_retention`; with a
-baseline run, its accuracy must also not fall more than `max_drop` below the same stage, model,
-form and backend there. Bad input (no run, no results, unknown stage) is a CompressError: exit 2.
+(finetune_teacher) is checked on its teachers. Each must keep `retention >= min_retention`.
+
+With a baseline run, each is compared with the record of the same stage, model, form and backend there,
+example by example: drop = baseline score - this run's score (the primary metric, over the same eval
+examples), with its paired bootstrap interval at `confidence` (`compress.stats.drop_ci`). The rule:
+FAIL only when the drop is significant (the whole interval lies above 0) AND the drop is larger than
+`max_drop`; a drop within noise, or a significant one no larger than `max_drop`, passes.
+
+Bad input (no run, no results, unknown stage, a confidence outside (0, 1), a baseline without per-example
+scores or with a different number of eval examples) is a CompressError: exit 2.
 """
 from __future__ import annotations
 
@@ -17,7 +24,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from compress import results
+from compress import results, stats
 from compress.errors import CompressError, Problem
 from compress.records import Record
 
@@ -58,9 +65,12 @@ def pick(records: list[Record], stage: str | None, run_dir: Path) -> tuple[str, 
 
 
 def checks(run_dir: Path, min_retention: float, stage: str | None = None, baseline: Path | None = None,
-           max_drop: float = 0.01, max_perplexity_ratio: float | None = None) -> tuple[str, list[Check]]:
+           max_drop: float = 0.01, max_perplexity_ratio: float | None = None,
+           confidence: float = stats.CONFIDENCE) -> tuple[str, list[Check]]:
     """Load the run (and baseline) and evaluate every rule; bad input raises CompressError."""
     problems = []
+    if not 0 < confidence < 1:
+        problems.append(Problem("--confidence", confidence, "must be in (0, 1), e.g. 0.95 for a 95% interval"))
     if not 0 < min_retention <= 2:
         problems.append(Problem("--min-retention", min_retention, "must be in (0, 2], e.g. 0.9 for 90%"))
     if max_drop < 0:
@@ -80,7 +90,8 @@ def checks(run_dir: Path, min_retention: float, stage: str | None = None, baseli
         if ret is None:
             raise CompressError(Problem("--stage", stage, f"{name} has no retention (no accuracy measured, or no "
                                         "teacher accuracy): run with eval.accuracy=true"))
-        out.append(Check(name, f"retention >= {min_retention:.3f}", f"{ret:.3f}", ret >= min_retention))
+        out.append(Check(name, f"retention >= {min_retention:.3f}", results.with_interval(ret, r.retention_ci),
+                         ret >= min_retention))
         if max_perplexity_ratio is not None:
             if r.perplexity_ratio is None:
                 raise CompressError(Problem("--max-perplexity-ratio", max_perplexity_ratio, f"{name} has no "
@@ -88,19 +99,39 @@ def checks(run_dir: Path, min_retention: float, stage: str | None = None, baseli
             out.append(Check(name, f"perplexity / teacher <= {max_perplexity_ratio:g}", f"{r.perplexity_ratio:.4g}",
                              r.perplexity_ratio <= max_perplexity_ratio))
         if base_records is not None:
-            out.append(_drop_check(name, r, base_records, baseline, max_drop))
+            out.append(_drop_check(name, r, base_records, Path(run_dir), baseline, max_drop, confidence))
     return stage, out
 
 
-def _drop_check(name: str, r: Record, base_records: list[Record], baseline: Path, max_drop: float) -> Check:
+def _drop_check(name: str, r: Record, base_records: list[Record], run_dir: Path, baseline: Path, max_drop: float,
+                confidence: float) -> Check:
+    """The paired test of `r` against its baseline record (the rule is in the module docstring)."""
+    b = _baseline_of(name, r, base_records, run_dir, baseline)
+    drop, (low, high) = stats.drop_ci(b.example_scores, r.example_scores, confidence)
+    significant = low > 0
+    found = (f"significant drop of {drop:.3f} (CI {low:.3f}..{high:.3f})" if significant else
+             f"no significant drop ({drop:+.3f}, CI {low:.3f}..{high:.3f})")
+    return Check(name, f"{r.metric} vs baseline: no significant drop > {max_drop:.3f} ({confidence:.0%} CI)",
+                 f"{r.score:.3f} vs {b.score:.3f}: {found}", not (significant and drop > max_drop))
+
+
+def _baseline_of(name: str, r: Record, base_records: list[Record], run_dir: Path, baseline: Path) -> Record:
+    """The baseline's record of the same stage, model, form and backend, scored on as many examples as `r`."""
     key = lambda x: (x.stage, x.role, x.model, x.variant, x.backend)  # noqa: E731
     match = [b for b in base_records if key(b) == key(r)]
     if not match or match[0].score is None or r.score is None:
         raise CompressError(Problem("--baseline", str(baseline), f"has no {r.metric} for {name}: compare runs of "
                                     "the same pipeline"))
-    drop = match[0].score - r.score
-    return Check(name, f"{r.metric} drop vs baseline <= {max_drop:.3f}",
-                 f"{r.score:.3f} (baseline {match[0].score:.3f}, drop {drop:+.3f})", drop <= max_drop)
+    b = match[0]
+    for run, rec in ((baseline, b), (run_dir, r)):
+        if not rec.example_scores:
+            raise CompressError(Problem("--baseline", str(baseline), f"{run} keeps no per-example scores for {name} "
+                                        "(made by an older compress): rerun it to compare runs example by example"))
+    if len(b.example_scores) != len(r.example_scores):
+        raise CompressError(Problem("--baseline", str(baseline), f"evaluated {len(b.example_scores)} examples for "
+                                    f"{name}, but {run_dir} evaluated {len(r.example_scores)}: compare runs on the "
+                                    "same eval examples (same data and data.eval_size)"))
+    return b
 
 
 def table(run_dir: Path, stage: str, rows: list[Check]) -> Table:
@@ -116,5 +147,5 @@ def table(run_dir: Path, stage: str, rows: list[Check]) -> Table:
 def render(t: Table) -> str:
     """A rich table as plain text (for AssertionError messages)."""
     buf = io.StringIO()
-    Console(file=buf, width=140, color_system=None).print(t)
+    Console(file=buf, width=200, color_system=None).print(t)
     return buf.getvalue()

@@ -14,22 +14,46 @@ from pathlib import Path
 import torch
 
 from compress.artifact import Artifact
+from compress.calibrate import calibrate
+from compress.console import say
 from compress.evaluate import evaluate_torch, peak_memory, weights_size_mb
 from compress.records import Record
 from teachers import loading
 
 
 def evaluate_folder(folder: Path, model_cfg, role: str, splits, cfg, reference=None) -> dict:
-    """Load one model from `folder` and measure it; the measurement includes load time and memory."""
-    if cfg.eval.threads:
-        torch.set_num_threads(cfg.eval.threads)
+    """Load one model from `folder` and measure it, on the CPU with its fastest settings (`speed`); the
+    measurement includes load time and memory, and the settings used. Torch's thread count is restored."""
+    threads = torch.get_num_threads()
     t0 = time.perf_counter()
-    with peak_memory(loading.pick_device(model_cfg.device)) as mem:
-        model, tokenizer = loading.load(folder, model_cfg, role)
-        measured = evaluate_torch(model, tokenizer, splits, cfg.data, cfg.eval, reference, role)
-        del model
-    measured.update(peak_mem_mb=mem["peak_mem_mb"], size_mb=weights_size_mb(folder), eval_s=time.perf_counter() - t0)
+    try:
+        with peak_memory(loading.pick_device(model_cfg.device)) as mem:
+            model, tokenizer = loading.load(folder, model_cfg, role)
+            settings = speed(model, folder, model_cfg, cfg.eval, model_cfg.get("name") or role)
+            measured = evaluate_torch(model, tokenizer, splits, cfg.data, cfg.eval, reference, role)
+            del model
+    finally:
+        torch.set_num_threads(threads)
+    measured.update(peak_mem_mb=mem["peak_mem_mb"], size_mb=weights_size_mb(folder), eval_s=time.perf_counter() - t0,
+                    **settings)
     return measured
+
+
+def speed(model, folder: Path, model_cfg, eval_cfg, name: str) -> dict:
+    """Threads, attention implementation and dtype for measuring `model`: on the CPU calibrated (timed per
+    candidate, cached; compress.calibrate) unless `eval.calibrate=false`; the settings, as records carry them."""
+    if eval_cfg.threads:
+        torch.set_num_threads(eval_cfg.threads)
+    device = next(model.parameters()).device
+    if device.type == "cpu" and eval_cfg.calibrate:
+        choice = calibrate(model, folder, model_cfg, eval_cfg, loading.folder_fingerprint(folder))
+        timed = {k: v for k, v in choice["timings"].items() if isinstance(v, float)}
+        how = "cached" if choice["cached"] else (f"fastest of {len(timed)}: " + ", ".join(
+            f"{k} {v * 1000:.0f} ms" for k, v in sorted(timed.items(), key=lambda kv: kv[1])) if timed else "fixed")
+        say(f"  {name}: {choice['threads']} threads, {choice['attn_implementation']} attention, {choice['dtype']} "
+            f"({how})")
+    return {"threads": torch.get_num_threads(), "attn_implementation": model.config._attn_implementation,
+            "dtype": str(next(model.parameters()).dtype).removeprefix("torch.")}
 
 
 def measure_student(cfg, stage: str, folder: Path, splits, teacher: dict, variant: str = "",

@@ -3,9 +3,10 @@
 One module for everything that runs an exported model, so the `export` stage and any
 benchmark measure it the same way:
 
-    logits_fn, latency_fn = open_onnx(folder, threads=2)
-    logits_fn(input_ids, attention_mask, positions)   # compress.evaluate.LogitsFn
-    latency_fn(prompt_ids, decode_tokens, warmup, runs) -> {"prefill_ms", "decode_tok_s"}
+    lm = OnnxLM.open(folder, threads=2)
+    logits_fn(lm)(input_ids, attention_mask, positions)   # compress.evaluate.LogitsFn
+    generate_fn(lm, eos)(prompts, max_new_tokens, stop)   # compress.evaluate.GenerateFn (KV cache)
+    measure_latency(lm, prompt_ids, decode_tokens, warmup, runs) -> {"prefill_ms", "decode_tok_s"}
 
 The graph is optimum's `text-generation-with-past` export: inputs `input_ids`, `attention_mask`,
 `position_ids` and `past_key_values.{i}.key/value` (B, kv_heads, P, head_dim); outputs
@@ -87,6 +88,32 @@ def logits_fn(lm: OnnxLM):
     return logits
 
 
+def generate_fn(lm: OnnxLM, eos: int | None):
+    """A compress.evaluate.GenerateFn over the session: greedy, one prompt at a time, the KV cache fed back."""
+    present = ["logits"] + [n.replace("past_key_values.", "present.") for n in lm.past_names]
+
+    def generate(prompts: list[list[int]], max_new_tokens: int, stop) -> list[list[int]]:
+        outs = []
+        for prompt in prompts:
+            past, ids, n, new = lm.empty_past(1), list(prompt), len(prompt), []
+            for _ in range(max_new_tokens):
+                feed = {"input_ids": np.array([ids], np.int64), "attention_mask": np.ones((1, n), np.int64), **past}
+                if lm.positions:
+                    feed["position_ids"] = np.arange(n - len(ids), n, dtype=np.int64)[None]
+                logits, *kv = lm.sess.run(present, feed)  # (1, t, V), L x (1, H, n, D)
+                token = int(logits[0, -1].argmax())
+                if token == eos:
+                    break
+                new.append(token)
+                if stop(new):
+                    break
+                past, ids, n = dict(zip(lm.past_names, kv)), [token], n + 1
+            outs.append(new)
+        return outs
+
+    return generate
+
+
 class Decoder:
     """Greedy batch-1 decoding with IO binding and preallocated, ping-ponged KV buffers."""
 
@@ -152,16 +179,3 @@ def measure_latency(lm: OnnxLM, prompt_ids: list[int], decode_tokens: int, warmu
     prefill_s = statistics.median(dec.prefill(prompt_ids)[1] for _ in range(runs))
     tok_s = statistics.median(decode_tokens / dec.generate(prompt_ids, decode_tokens)[2] for _ in range(runs))
     return {"prefill_ms": prefill_s * 1000, "decode_tok_s": tok_s}
-
-
-def open_onnx(folder: Path, threads: int | None = None, graph_level: str = "all"):
-    """(logits_fn, latency_fn) for an exported model folder (with `model.onnx`).
-
-    `latency_fn(prompt_ids, decode_tokens, warmup, runs)` returns prefill_ms and decode_tok_s.
-    """
-    lm = OnnxLM.open(folder, threads, graph_level)
-
-    def latency(prompt_ids: list[int], decode_tokens: int, warmup: int, runs: int) -> dict:
-        return measure_latency(lm, prompt_ids, decode_tokens, warmup, runs)
-
-    return logits_fn(lm), latency

@@ -2,11 +2,16 @@
 
 A `Record` is one model measured by one backend in one stage. Stages build them with
 `Record.of` (raw measurements only); `relate` then sets the derived figures, retention,
-retention over the base teacher and speed-up, for a whole run at once, in one place.
+retention over the base teacher, speed-up and the bootstrap intervals, for a whole run at once, in one place.
 """
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, fields
+
+from compress import stats
+
+DERIVED = ("retention", "retention_base", "speedup", "perplexity_ratio", "score_ci", "retention_ci")
+"""The fields `relate` sets; a measurement never does."""
 
 @dataclass
 class Record:
@@ -23,7 +28,8 @@ class Record:
     variant: str = ""
     """Which form of the model: `base`, `qlora`, `pruned`, `recovered`, `gptq`, `onnx-int8`, ... (empty: as built)."""
     output: bool = True
-    """True when this is a model the stage hands on (False: an intermediate, e.g. pruned before recovery)."""
+    """True when this is a model the stage hands on (False: an intermediate, e.g. pruned before recovery, or a
+    baseline, e.g. the reference teacher exported to ONNX by `export`)."""
     path: str | None = None
     """The folder (or file) measured."""
     accuracy: float | None = None
@@ -37,6 +43,10 @@ class Record:
     agreement: float | None = None
     """Label tasks: the fraction of eval examples where its prediction equals the reference teacher's;
     generative tasks: the F1 of its answers against the teacher's."""
+    example_scores: list[float] | None = None
+    """Per eval example, in eval order, its score on the primary metric (1/0 for accuracy and exact_match, F1
+    rounded to 4 decimals): what the intervals and the gate's paired test resample. None in runs made before
+    they were kept."""
     perplexity: float | None = None
     prefill_ms: float | None = None
     decode_tok_s: float | None = None
@@ -49,6 +59,12 @@ class Record:
     """primary metric / the reference teacher's (the last teacher measured); set by `relate`."""
     retention_base: float | None = None
     """primary metric / the base teacher's (of `evaluate`); set by `relate`."""
+    score_ci: list[float] | None = None
+    """[low, high]: the 95% bootstrap interval of the primary metric (`metric`: accuracy, f1 or exact_match;
+    the interval of `score`) over the eval examples; set by `relate` (None without `example_scores`)."""
+    retention_ci: list[float] | None = None
+    """[low, high]: the 95% paired bootstrap interval of retention (each resample of the examples divides the
+    record's mean score by the reference teacher's on the same examples); set by `relate`."""
     speedup: float | None = None
     """decode tok/s / the base teacher's, measured in the same run; set by `relate`."""
     perplexity_ratio: float | None = None
@@ -60,7 +76,7 @@ class Record:
     @classmethod
     def of(cls, stage: str, role: str, model: str, measured: dict, **what) -> "Record":
         """A record from a measurement dict (`evaluate_fns` and friends); unknown keys go to `extra`."""
-        known = {f.name for f in fields(cls)} - {"extra", "retention", "retention_base", "speedup", "perplexity_ratio"}
+        known = {f.name for f in fields(cls)} - {"extra", *DERIVED}
         data = {**measured, **what}
         data.pop("predictions", None)
         extra = {k: v for k, v in data.items() if k not in known}
@@ -108,11 +124,11 @@ def ratio(a: float | None, b: float | None) -> float | None:
 
 
 def relate(records: list[Record]) -> dict:
-    """Set retention, retention_base, speedup and perplexity_ratio of every record (in place), against this
-    run's teachers: the reference is the last teacher measured (with an accuracy, if any has one), the base
-    the `evaluate` stage's.
+    """Set retention, retention_base, speedup, perplexity_ratio, score_ci and retention_ci of every record (in
+    place), against this run's teachers: the reference is the last teacher measured (with an accuracy, if any
+    has one), the base the `evaluate` stage's. The intervals need `example_scores` (None without).
     Returns both teachers' identities for the results header."""
-    teachers = [r for r in records if r.role == "teacher"]
+    teachers = [r for r in records if r.role == "teacher" and r.output]  # not the teacher baselines of export
     base = next((r for r in teachers if r.stage == "evaluate"), teachers[0] if teachers else None)
     ref = next((r for r in reversed(teachers) if r.score is not None), teachers[-1] if teachers else None)
     for r in records:
@@ -120,6 +136,8 @@ def relate(records: list[Record]) -> dict:
         r.perplexity_ratio = ratio(r.perplexity, ref.perplexity) if ref else None
         r.retention_base = ratio(r.score, base.score) if base else None
         r.speedup = ratio(r.decode_tok_s, base.decode_tok_s) if base else None
+        r.score_ci = stats.mean_ci(r.example_scores)
+        r.retention_ci = stats.ratio_ci(r.example_scores, ref.example_scores) if ref else None
     who = lambda r: None if r is None else {k: getattr(r, k) for k in ("stage", "model", "variant", "backend",  # noqa: E731
                                                                         "metric", "accuracy", "f1", "decode_tok_s")}
     return {"reference": who(ref), "base_teacher": who(base)}

@@ -1,10 +1,11 @@
 """`<run>/report.md` and `<run>/report.png`, built from results.json alone (plus the run's
 config.yaml and each stage's metrics.json for the text).
 
-The picture: retention (y) against decode tokens/s (x, log scale), one labelled point per
-record, the Pareto front (no other point both faster and better) drawn; and retention
-against size on disk. Written at the end of every `compress run`; `compress report RUN`
-rebuilds both.
+The picture: retention (y, with its 95% interval as an error bar) against decode tokens/s (x, log
+scale), one labelled point per record (labels placed apart from every marker, error bar and other label,
+inside the axes), the Pareto front (no other point both faster and better) drawn; and retention against
+size on disk. Baselines (the teacher measured on onnxruntime) are drawn apart from the pipeline's stages.
+Written at the end of every `compress run`; `compress report RUN` rebuilds both.
 """
 from __future__ import annotations
 
@@ -15,7 +16,10 @@ from compress import results as results_mod
 from compress.records import Record
 
 MARKERS = {"torch": "o", "onnxruntime": "s", "gptq": "D", "llama.cpp": "^"}
-COLORS = {"teacher": "tab:blue", "student": "tab:orange"}
+COLORS = {"teacher": "tab:blue", "student": "tab:orange", "baseline": "tab:purple"}
+BASELINE_MARKER = "*"
+DPI = 110
+"""The figure's own resolution, saved as is: label placement works in its pixels."""
 
 
 def write_report(run_dir: Path) -> tuple[Path, Path]:
@@ -54,14 +58,29 @@ def pareto(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
     return front
 
 
+def kind(r: dict) -> str:
+    """`baseline` (a teacher measured on onnxruntime, after export), else the role: how a point is drawn."""
+    return "baseline" if r.get("role") == "teacher" and r.get("backend") == "onnxruntime" else str(r.get("role"))
+
+
 def plot(records: list[dict], path: Path, title: str = "") -> Path:
-    """Two panels: retention vs decode tok/s (log x) and retention vs size MB (log x)."""
+    """Save `figure(records, title)` to `path`."""
+    import matplotlib.pyplot as plt
+
+    fig = figure(records, title)
+    fig.savefig(path, dpi="figure")
+    plt.close(fig)
+    return path
+
+
+def figure(records: list[dict], title: str = ""):
+    """Two panels: retention vs decode tok/s (log x) and retention vs size MB (log x), one legend below."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (speed, size) = plt.subplots(1, 2, figsize=(14, 6))
+    fig, (speed, size) = plt.subplots(1, 2, figsize=(14, 6.5), dpi=DPI)
     pts = [r for r in records if r.get("retention") is not None]
     _panel(speed, pts, "decode_tok_s", "decode tokens/s (batch 1, log scale)", lambda x: x)
     _panel(size, pts, "size_mb", "size on disk (MB, log scale)", lambda x: -x)
@@ -71,25 +90,29 @@ def plot(records: list[dict], path: Path, title: str = "") -> Path:
         for ax in (speed, size):
             ax.text(0.5, 0.5, "no accuracy measured\n(eval.accuracy=false or no task labels)",
                     ha="center", va="center", transform=ax.transAxes)
+    handles = _legend(pts)
+    fig.legend(handles=handles, loc="lower center", ncol=len(handles), fontsize=8, frameon=False)
     fig.suptitle(title)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.05, 1, 1))
     _place_labels(speed, pts, "decode_tok_s")
     _place_labels(size, pts, "size_mb")
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return fig
 
 
 def _panel(ax, records: list[dict], key: str, xlabel: str, better) -> None:
-    """Scatter `key` (x) against retention, label every point and draw the Pareto front
+    """Scatter `key` (x) against retention, with its interval as an error bar, and draw the Pareto front
     (`better(x)` is larger for a better x: speed as is, size negated)."""
-    from matplotlib.lines import Line2D
     from matplotlib.ticker import FuncFormatter
 
     pts = [r for r in records if r.get(key)]
     for r in pts:
-        ax.scatter(r[key], r["retention"], s=70, marker=MARKERS.get(r.get("backend"), "o"),
-                   color=COLORS.get(r.get("role"), "tab:gray"), edgecolor="black", zorder=3)
+        color, baseline = COLORS.get(kind(r), "tab:gray"), kind(r) == "baseline"
+        if r.get("retention_ci"):
+            low, high = r["retention_ci"]
+            ax.errorbar(r[key], r["retention"], yerr=[[r["retention"] - low], [high - r["retention"]]], fmt="none",
+                        ecolor=color, elinewidth=1, capsize=3, alpha=0.8, zorder=2.5)
+        ax.scatter(r[key], r["retention"], s=160 if baseline else 70, color=color, edgecolor="black", zorder=3,
+                   marker=BASELINE_MARKER if baseline else MARKERS.get(r.get("backend"), "o"))
     ax.axhline(1.0, color="gray", linewidth=0.8, linestyle=":")
     ax.set_xscale("log")
     plain = FuncFormatter(lambda v, _: f"{v:g}")
@@ -101,7 +124,7 @@ def _panel(ax, records: list[dict], key: str, xlabel: str, better) -> None:
     if pts:
         xs = [r[key] for r in pts]
         ax.set_xlim(min(xs) / 1.5, max(xs) * 2.2)
-        ys = [r["retention"] for r in pts] + [1.0]
+        ys = [y for r in pts for y in (r["retention"], *(r.get("retention_ci") or ()))] + [1.0]
         pad = max(0.05, (max(ys) - min(ys)) * 0.15)
         ax.set_ylim(min(ys) - pad, max(ys) + pad)
     front = [(better(x), y) for x, y in pareto([(better(r[key]), r["retention"]) for r in pts])]
@@ -110,42 +133,93 @@ def _panel(ax, records: list[dict], key: str, xlabel: str, better) -> None:
         ax.scatter(xs, ys, s=190, facecolor="none", edgecolor="tab:green", linewidth=1.5, zorder=2)
         ax.step(xs, ys, where="post", color="tab:green", linestyle="--", alpha=0.8, zorder=2)
     ax.grid(True, which="both", alpha=0.3)
-    handles = [Line2D([], [], marker="o", linestyle="", color=c, markeredgecolor="black", label=role)
-               for role, c in COLORS.items()]
+
+
+def _legend(pts: list[dict]) -> list:
+    """One entry per kind of point drawn (teacher, student, baseline), per non-torch backend, the interval,
+    the Pareto front and the reference line."""
+    from matplotlib.lines import Line2D
+
+    kinds = {kind(r) for r in pts}
+    handles = [Line2D([], [], marker="o", linestyle="", color=c, markeredgecolor="black", label=k)
+               for k, c in COLORS.items() if k != "baseline"]
+    if "baseline" in kinds:
+        handles.append(Line2D([], [], marker=BASELINE_MARKER, markersize=11, linestyle="", color=COLORS["baseline"],
+                              markeredgecolor="black", label="baseline (teacher on onnxruntime)"))
     handles += [Line2D([], [], marker=m, linestyle="", color="white", markeredgecolor="black", label=b)
-                for b, m in MARKERS.items() if any(r.get("backend") == b for r in pts) and b != "torch"]
-    handles += [Line2D([], [], color="tab:green", linestyle="--", marker="o", markerfacecolor="none",
-                       label="Pareto front"),
-                Line2D([], [], color="gray", linestyle=":", label="reference teacher (retention 1)")]
-    ax.legend(handles=handles, loc="best", fontsize=8)
+                for b, m in MARKERS.items() if b != "torch" and any(r.get("backend") == b and kind(r) != "baseline"
+                                                                      for r in pts)]
+    if any(r.get("retention_ci") for r in pts):
+        handles.append(Line2D([], [], color="gray", marker="|", markersize=10, label="95% interval"))
+    return handles + [Line2D([], [], color="tab:green", linestyle="--", marker="o", markerfacecolor="none",
+                             label="Pareto front"),
+                      Line2D([], [], color="gray", linestyle=":", label="reference teacher (retention 1)")]
 
 
 def _place_labels(ax, pts: list[dict], key: str) -> None:
-    """Label every point (after the layout is final): the first spot (right or left, above or below, then
-    further out) whose box stays in the axes and overlaps no marker and no label placed so far; a label
-    away from its point gets a leader line."""
-    from matplotlib.transforms import Bbox
+    """Label every point (after the layout is final) at the first free spot: beside it (right or left, above
+    or below), else the nearest spot of a grid over the axes, with a leader line. A free spot lies inside the
+    axes, overlaps no marker, no error bar and no label placed so far, and its leader crosses no label."""
+    import numpy as np
 
     pts = [r for r in pts if r.get(key)]
     renderer = ax.figure.canvas.get_renderer()
-    frame = ax.get_window_extent(renderer)
-    boxes = [Bbox.from_bounds(px - 6, py - 6, 12, 12)  # the markers: no label covers one
-             for px, py in ax.transData.transform([(r[key], r["retention"]) for r in pts])] if pts else []
-    spots = [(dx, dy) for d in (8, 22, 36, 50) for dx in (8, -8) for dy in (d, -d)]
+    f = ax.get_window_extent(renderer)
+    frame = (f.x0 + 2, f.y0 + 2, f.x1 - 2, f.y1 - 2)
+    marks = [_box(ax, r[key], r["retention"], r["retention"], 10) for r in pts]  # markers
+    marks += [_box(ax, r[key], *r["retention_ci"], 4) for r in pts if r.get("retention_ci")]  # error bars
+    labels: list[tuple] = []
     for x, y, text in _labels(pts, key):
-        for dx, dy in spots:
-            note = ax.annotate(text, (x, y), xytext=(dx, dy), textcoords="offset points", fontsize=9,
-                               va="bottom" if dy > 0 else "top", ha="left" if dx > 0 else "right",
-                               arrowprops=dict(arrowstyle="-", color="gray", lw=0.6) if abs(dy) > 8 else None)
-            box = note.get_window_extent(renderer)
-            inside = frame.x0 <= box.x0 and box.x1 <= frame.x1 and frame.y0 <= box.y0 and box.y1 <= frame.y1
-            if inside and not any(box.overlaps(b) for b in boxes):
-                break
-            note.remove()
-        else:
-            note = ax.annotate(text, (x, y), xytext=(8, 8), textcoords="offset points", fontsize=9)
-            box = note.get_window_extent(renderer)
-        boxes.append(box)
+        px, py = ax.transData.transform((x, y))
+        note = ax.text(x, y, text, fontsize=9, ha="left", va="bottom", zorder=4)
+        box = note.get_window_extent(renderer)
+        spots = _spots(px, py, box.width, box.height, frame)
+        lx, ly = spots[_first_free(spots, (px, py), box.width, box.height, frame, marks + labels, labels)]
+        note.set_position(ax.transData.inverted().transform((lx, ly)))
+        box = note.get_window_extent(renderer)
+        labels.append((box.x0, box.y0, box.x1, box.y1))
+        near = (min(max(px, box.x0), box.x1), min(max(py, box.y0), box.y1))  # the box's point nearest its point
+        if np.hypot(near[0] - px, near[1] - py) > 14:
+            ax.plot(*ax.transData.inverted().transform([(px, py), near]).T, color="gray", lw=0.6, zorder=2.8)
+
+
+def _first_free(spots, point, w: float, h: float, frame: tuple, taken: list[tuple], labels: list[tuple]) -> int:
+    """Index of the first spot (lower-left corner of a w x h box) inside `frame` that overlaps no `taken` box
+    and whose leader from `point` crosses no `labels` box; else the first inside the frame, else 0."""
+    import numpy as np
+
+    ends = spots + np.array([w, h])
+    ok = (spots[:, 0] >= frame[0]) & (spots[:, 1] >= frame[1]) & (ends[:, 0] <= frame[2]) & (ends[:, 1] <= frame[3])
+    inside = ok.copy()
+    t = np.array(taken).reshape(-1, 4) + np.array([-1, -1, 1, 1])  # (M, 4), a pixel apart
+    ok &= ~((spots[:, None, 0] < t[:, 2]) & (ends[:, None, 0] > t[:, 0])
+            & (spots[:, None, 1] < t[:, 3]) & (ends[:, None, 1] > t[:, 1])).any(axis=1)
+    near = np.clip(np.array(point), spots, ends)  # (N, 2): where each leader meets its box
+    along = np.array(point) + np.linspace(0, 1, 24)[None, :, None] * (near - np.array(point))[:, None, :]  # (N, 24, 2)
+    b = np.array(labels).reshape(-1, 4)
+    ok &= ~((along[:, :, None, 0] > b[:, 0]) & (along[:, :, None, 0] < b[:, 2]) & (along[:, :, None, 1] > b[:, 1])
+            & (along[:, :, None, 1] < b[:, 3])).any(axis=(1, 2))
+    return int(np.argmax(ok)) if ok.any() else int(np.argmax(inside))
+
+
+def _box(ax, x: float, y_low: float, y_high: float, half: float) -> tuple[float, float, float, float]:
+    """In pixels: the segment from (x, y_low) to (x, y_high) in data coordinates, `half` pixels around it."""
+    (x0, y0), (x1, y1) = ax.transData.transform([(x, y_low), (x, y_high)])
+    return (x0 - half, y0 - half, x1 + half, y1 + half)
+
+
+def _spots(px: float, py: float, w: float, h: float, frame: tuple) -> "np.ndarray":
+    """Lower-left corners (pixels) to try for a w x h label of the point (px, py), best first: the four
+    places beside it, then every 6 pixels over the frame, nearest first."""
+    import numpy as np
+
+    beside = np.array([(px + 8, py + 3), (px + 8, py - 3 - h), (px - 8 - w, py + 3), (px - 8 - w, py - 3 - h)])
+    gx, gy = np.meshgrid(np.arange(frame[0], max(frame[0], frame[2] - w) + 1, 6),
+                         np.arange(frame[1], max(frame[1], frame[3] - h) + 1, 6))
+    grid = np.stack([gx.ravel(), gy.ravel()], axis=1)
+    dx = np.maximum(np.maximum(grid[:, 0] - px, px - grid[:, 0] - w), 0)  # point-to-box distance
+    dy = np.maximum(np.maximum(grid[:, 1] - py, py - grid[:, 1] - h), 0)
+    return np.concatenate([beside, grid[np.argsort(np.hypot(dx, dy), kind="stable")]])
 
 
 def _labels(pts: list[dict], key: str) -> list[tuple[float, float, str]]:
@@ -170,12 +244,19 @@ def markdown(run_dir: Path, res: dict, png_name: str) -> str:
     versions = ", ".join(f"{k} {v}" for k, v in header.get("versions", {}).items())
     lines = [f"# compress report: {run_dir.name}", "",
              f"Created {header.get('created', '?')} on {_cpu(res)}. {versions}.", "",
-             _reference_line(header), "", "## Results", "", *md_table(res["records"]), "",
+             _reference_line(header), "", "## Results", "", *md_table(res["records"]), "", *_interval_note(res),
              f"![retention against decode speed and size]({png_name})", "", "## Stages", "",
              *stage_lines(run_dir), "", "## Configuration", "", "```yaml"]
     config = run_dir / "config.yaml"
     lines += [config.read_text().rstrip() if config.is_file() else "# config.yaml missing", "```", ""]
     return "\n".join(lines)
+
+
+def _interval_note(res: dict) -> list[str]:
+    if not any(r.get("score_ci") for r in res["records"]):
+        return []
+    return ["In brackets: 95% bootstrap intervals over the eval examples (retention's paired with the reference "
+            "teacher on the same examples).", ""]
 
 
 def _reference_line(header: dict) -> str:

@@ -5,7 +5,9 @@ Collecting puts every record on the same footing (`compress.records.relate`, the
 figures are computed): `retention` is accuracy over the run's *reference teacher* (the last teacher
 measured: the fine-tuned one when the pipeline fine-tunes), `retention_base` over the base teacher
 of the `evaluate` stage, and `speedup` is decode tokens/s over that base (fp32 on CPU) teacher's,
-measured in the same run.
+measured in the same run. Each record keeps its per-example scores (`example_scores`), from which `relate`
+computes the 95% bootstrap intervals of its primary metric (`score_ci`) and of retention (`retention_ci`,
+paired with the reference teacher); the tables show them as `0.780 [0.744, 0.816]`.
 """
 from __future__ import annotations
 
@@ -29,9 +31,10 @@ COLUMNS = [  # (record key, header, format)
     ("speedup", "speed up", "{:.2f}x"), ("size_mb", "size MB", "{:.1f}"), ("params", "params M", "{:.2f}"),
     ("peak_mem_mb", "peak MB", "{:.0f}"), ("stage_wall_s", "stage s", "{:.0f}"),
 ]
-CSV_FIELDS = ["stage", "role", "model", "variant", "output", "backend", "metric", "accuracy", "exact_match", "f1", "retention", "retention_base", "agreement",
-              "perplexity", "perplexity_ratio", "prefill_ms", "decode_tok_s", "speedup", "size_mb", "params", "peak_mem_mb",
-              "stage_wall_s", "path"]
+CSV_FIELDS = ["stage", "role", "model", "variant", "output", "backend", "metric", "accuracy", "exact_match", "f1",
+              "score_ci_low", "score_ci_high", "retention", "retention_ci_low", "retention_ci_high", "retention_base",
+              "agreement", "perplexity", "perplexity_ratio", "prefill_ms", "decode_tok_s", "speedup", "size_mb",
+              "params", "peak_mem_mb", "stage_wall_s", "path"]
 
 
 def hardware() -> dict:
@@ -74,8 +77,14 @@ def write(run_dir: Path, results: dict) -> Path:
     with open(run_dir / "results.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=CSV_FIELDS, extrasaction="ignore")
         writer.writeheader()
-        writer.writerows(results["records"])
+        writer.writerows({**r, **_bounds(r, "score_ci"), **_bounds(r, "retention_ci")} for r in results["records"])
     return path
+
+
+def _bounds(record: dict, key: str) -> dict:
+    """An interval as two CSV columns, `<key>_low` and `<key>_high` (empty when there is none)."""
+    low, high = record.get(key) or (None, None)
+    return {f"{key}_low": low, f"{key}_high": high}
 
 
 def load(run_dir: Path) -> dict:
@@ -106,8 +115,21 @@ def record_path(run_dir: Path, path: str) -> Path:
     return run_dir.joinpath(*p.parts[p.parts.index(run_dir.name) + 1:])
 
 
-def cells(record: dict) -> list[str]:
-    """One record formatted as the table's cells (COLUMNS order); '-' where not measured."""
+def interval_of(record: dict, key: str) -> list[float] | None:
+    """The interval shown beside column `key`: score_ci beside the primary metric, retention_ci beside retention."""
+    if key == record.get("metric", "accuracy"):
+        return record.get("score_ci")
+    return record.get("retention_ci") if key == "retention" else None
+
+
+def with_interval(value: float, ci: list[float] | None, fmt: str = "{:.3f}", sep: str = " ") -> str:
+    """`0.780 [0.744, 0.816]`; the value alone without an interval."""
+    return fmt.format(value) + (f"{sep}[{fmt.format(ci[0])}, {fmt.format(ci[1])}]" if ci else "")
+
+
+def cells(record: dict, sep: str = " ") -> list[str]:
+    """One record formatted as the table's cells (COLUMNS order); '-' where not measured; the primary metric
+    and retention with their 95% intervals, when the record has them (after `sep`)."""
     out = []
     for key, _, fmt in COLUMNS:
         v = record.get(key)
@@ -117,7 +139,7 @@ def cells(record: dict) -> list[str]:
             v = None
         if key == "params" and v is not None:
             v = v / 1e6
-        out.append("-" if v is None else fmt.format(v))
+        out.append("-" if v is None else with_interval(v, interval_of(record, key), fmt, sep))
     return out
 
 
@@ -130,11 +152,13 @@ def shown(records: list[dict]) -> list[int]:
 def table(records: list[dict], title: str = "results") -> Table:
     t = Table(title=title)
     keep = shown(records)
+    rows = [cells(r, sep="\n") for r in records]  # an interval under its value: the console is narrow
     for i in keep:
         header = COLUMNS[i][1]
         text = header in ("stage", "model", "form", "backend")
-        t.add_column(header, justify="left" if text else "right", overflow="fold", no_wrap=text)
-    for r in records:
-        row = cells(r)
+        interval = any("\n" in row[i] for row in rows)  # kept whole: `[0.744, 0.816]`
+        t.add_column(header, justify="left" if text else "right", overflow="fold", no_wrap=text or interval,
+                     min_width=max(len(line) for row in rows for line in row[i].split("\n")) if interval else None)
+    for row in rows:
         t.add_row(*[row[i] for i in keep])
     return t

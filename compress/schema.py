@@ -63,7 +63,11 @@ class ModelConfig:
     """The model class of a random model (`random`): llama, mistral, qwen2, qwen3, phi3 or gemma2, each the
     real transformers class at a tiny shape."""
     dtype: str = "auto"
-    """auto (bf16 on a GPU that supports it, else fp32), float32, bfloat16 or float16."""
+    """auto (bf16 on a GPU that supports it; on the CPU, the fastest of `eval.cpu_dtypes`, measured), float32,
+    bfloat16 or float16."""
+    attn_implementation: Optional[str] = None
+    """sdpa or eager; None: on the CPU the faster of the two for this model, measured (`eval.calibrate`),
+    else transformers' default."""
     device: str = "auto"
     """auto (cuda if available, else cpu), cpu, cuda or cuda:N."""
     trust_remote_code: bool = False
@@ -209,7 +213,16 @@ class EvalConfig:
     latency_runs: int = 5
     """Timed runs; the median is reported."""
     threads: Optional[int] = None
-    """torch intra-op threads while evaluating; None keeps torch's default."""
+    """torch intra-op threads while evaluating; None: on the CPU the fastest of 1, half and all of torch's
+    default for this model, measured (`calibrate`), else torch's default."""
+    calibrate: bool = True
+    """On the CPU, time a few forwards of every (threads, attention, dtype) candidate when a model is loaded
+    for measurement and use the fastest; cached per model and machine; the choice is in the record."""
+    cpu_dtypes: List[str] = field(default_factory=lambda: ["float32"])
+    """dtypes the calibration may choose for a model with `dtype: auto` on the CPU; add bfloat16 to let it
+    pick bf16 where that is faster (it changes measured accuracy slightly)."""
+    calibration_tokens: int = 128
+    """Prompt length of the calibration forwards (each also decodes 8 tokens)."""
 
 
 @dataclass
@@ -447,10 +460,20 @@ class RunConfig:
 
 
 @dataclass
+class ReportConfig:
+    """What the results table and the report show besides the pipeline's own models."""
+
+    baselines: bool = True
+    """After `export`, export the reference teacher the same way (ONNX fp32 and int8) and measure it: rows
+    that answer "was distilling worth it, against just quantizing the teacher?"."""
+
+
+@dataclass
 class Config:
     """The whole job: `compress run` composes this from configs/ and the overrides."""
 
     run: RunConfig = field(default_factory=RunConfig)
+    report: ReportConfig = field(default_factory=ReportConfig)
     teacher: TeacherConfig = MISSING
     student: StudentConfig = MISSING
     data: DataConfig = MISSING

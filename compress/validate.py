@@ -25,10 +25,15 @@ def problems(cfg) -> list[Problem]:
     problems: list[Problem] = []
     problems += _positive(cfg, ["eval.batch_size", "eval.max_new_tokens", "eval.perplexity_blocks", "eval.perplexity_block_tokens",
                                 "eval.prefill_tokens", "eval.decode_tokens", "eval.latency_runs",
+                                "eval.calibration_tokens",
                                 "data.eval_size", "data.max_chars"], strict=True)
     problems += _positive(cfg, ["data.train_size", "data.unlabeled_size", "eval.warmup_runs"], strict=False)
     if cfg.eval.threads is not None and cfg.eval.threads < 1:
         problems.append(Problem("eval.threads", cfg.eval.threads, "must be >= 1, or null for torch's default"))
+    bad_dtypes = [d for d in cfg.eval.cpu_dtypes if d not in ("float32", "bfloat16")]
+    if bad_dtypes or not cfg.eval.cpu_dtypes:
+        problems.append(Problem("eval.cpu_dtypes", list(cfg.eval.cpu_dtypes), "a non-empty list of float32 and/or "
+                                "bfloat16, e.g. [float32,bfloat16]"))
     if cfg.data.format not in FORMATS:
         problems.append(Problem("data.format", cfg.data.format, f"choose one of: {', '.join(FORMATS)}"))
     if cfg.data.choices_field and cfg.data.format not in ("jsonl", "csv"):
@@ -74,6 +79,9 @@ def _model(m, role: str) -> list[Problem]:
     problems = []
     if m.dtype not in DTYPES:
         problems.append(Problem(f"{role}.dtype", m.dtype, f"choose one of: {', '.join(DTYPES)}"))
+    if m.attn_implementation not in (None, "sdpa", "eager", "flash_attention_2"):
+        problems.append(Problem(f"{role}.attn_implementation", m.attn_implementation, "choose sdpa, eager, "
+                                "flash_attention_2 (CUDA), or null to measure which is faster"))
     if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", m.device):
         problems.append(Problem(f"{role}.device", m.device, "choose auto, cpu, cuda or cuda:N"))
     elif m.device.startswith("cuda") and not torch.cuda.is_available():

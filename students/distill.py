@@ -20,7 +20,7 @@ from compress import training
 from compress.console import progress
 from compress.data import ANSWER_END, Example, Splits
 from compress.errors import CompressError, Problem
-from compress.evaluate import build_prompt, generate_greedy, score_accuracy, torch_logits_fn
+from compress.evaluate import build_prompt, generate_greedy, score_accuracy, torch_generate_fn, torch_logits_fn
 from students import losses
 
 DIVERGENCES = {"forward_kl": losses.forward_kl, "reverse_kl": losses.reverse_kl, "jsd": losses.generalized_jsd}
@@ -163,7 +163,7 @@ def teacher_answers(teacher, tok, examples: list[Example], splits, cfg) -> list[
     if splits.generative:
         chat = bool(cfg.data.use_chat_template and getattr(tok, "chat_template", None))
         prompts = [build_prompt(tok, e.text, cfg.data) for e in examples]
-        answers = generate_greedy(torch_logits_fn(teacher), tok, prompts, chat, cfg.distill.pseudo_max_new_tokens,
+        answers = generate_greedy(torch_generate_fn(teacher, tok.pad_token_id, tok.eos_token_id), tok, prompts, chat, cfg.distill.pseudo_max_new_tokens,
                                   cfg.eval.batch_size, "teacher: pseudo-labels (answers)")
         return [a + ANSWER_END for a in answers]
     if splits.labelled:

@@ -207,10 +207,11 @@ def load(folder: Path, cfg, role: str):
     device = pick_device(cfg.device)
     dtype = pick_dtype(cfg.dtype, device)
     safetensors = any(p.suffix == ".safetensors" for p in folder.iterdir())
+    attn = {"attn_implementation": cfg.attn_implementation} if cfg.get("attn_implementation") else {}
     try:
         model = AutoModelForCausalLM.from_pretrained(
             folder, dtype=dtype, trust_remote_code=cfg.trust_remote_code, use_safetensors=safetensors,
-            weights_only=True)  # pickle (allow_pickle=true): tensors only, never arbitrary objects
+            weights_only=True, **attn)  # pickle (allow_pickle=true): tensors only, never arbitrary objects
     except CompressError:
         raise
     except Exception as e:

@@ -41,8 +41,8 @@ def test_every_command_in_the_table_parses_and_runs_its_own_function(monkeypatch
     from compress import cli
 
     positional = {"run": [], "presets": [], "eval": ["MODEL"], "report": ["RUN"], "check": ["RUN"], "bench": ["MODEL"],
-                  "plan": [], "predict": ["FOLDER"]}  # each command's own test: tests/test_pipeline.py, test_report.py,
-    # test_plan.py, test_predict.py, here
+                  "plan": [], "predict": ["FOLDER"], "serve": ["FOLDER"]}
+    # each command's own test: tests/test_pipeline.py, test_report.py, test_plan.py, test_predict.py, test_serve.py, here
     assert set(cli.COMMANDS) == set(positional)
     for name, (_, help_) in list(cli.COMMANDS.items()):
         seen = []

@@ -26,11 +26,13 @@ def test_export_writes_three_onnx_models_evaluated_through_onnxruntime(exported)
     run, proc = exported
     stage = run / "01_export"
     assert {p.name for p in stage.iterdir()} == {"config.yaml", "metrics.json", "manifest.json", "DONE",
-                                                 "parity.json", "predictions.json", "onnx", "onnx-int8", "onnx-int4"}
-    for name in ("onnx", "onnx-int8", "onnx-int4"):
+                                                 "parity.json", "predictions.json", "onnx", "onnx-int8", "onnx-int4",
+                                                 "teacher-onnx", "teacher-onnx-int8"}
+    for name in ("onnx", "onnx-int8", "onnx-int4", "teacher-onnx", "teacher-onnx-int8"):
         assert {"model.onnx", "tokenizer.json", "config.json", "task.json", "predict.py",
                 "README.md"} <= {p.name for p in (stage / name).iterdir()}
-    records = [r for r in json.loads((run / "results.json").read_text())["records"] if r["stage"] == "export"]
+    records = [r for r in json.loads((run / "results.json").read_text())["records"] if r["stage"] == "export"
+               and r["role"] == "student"]
     assert [r["variant"] for r in records] == ["onnx-fp32", "onnx-int8", "onnx-int4"]
     assert {r["model"] for r in records} == {"tiny-random"}  # the name the user gave the student
     for r in records:
@@ -44,6 +46,25 @@ def test_export_writes_three_onnx_models_evaluated_through_onnxruntime(exported)
     metrics = json.loads((stage / "metrics.json").read_text())
     assert metrics["torch_fp32_latency"]["decode_tok_s"] > 0 and metrics["roles"]["teacher"]["predictions"]
     assert "parity fp32: max |diff|" in proc.stderr
+
+
+def test_the_reference_teacher_is_exported_and_measured_as_a_baseline(exported, tmp_path):
+    """report.baselines (on by default): the teacher's own ONNX fp32 and int8, measured like the student's forms,
+    role teacher, never the reference of retention; report.baselines=false leaves them out."""
+    run, _ = exported
+    records = json.loads((run / "results.json").read_text())["records"]
+    base = [r for r in records if r["role"] == "teacher" and r["backend"] == "onnxruntime"]
+    assert [r["variant"] for r in base] == ["onnx-fp32", "onnx-int8"] and all(not r["output"] for r in base)
+    assert all(r["baseline"] and r["parity_top1"] >= 0.99 for r in base[:1])
+    teacher = next(r for r in records if r["stage"] == "evaluate" and r["role"] == "teacher")
+    assert base[0]["accuracy"] == pytest.approx(teacher["accuracy"], abs=0.051)  # fp32 ONNX: the same model
+    assert all(r["retention"] == pytest.approx(r["accuracy"] / teacher["accuracy"]) for r in base)
+    assert (run / "01_export" / "teacher-onnx-int8" / "model.onnx").is_file()
+    proc = cli("run", *TINY, "pipeline=export", "export.variants=[fp32]", "report.baselines=false",
+               f"run.root={tmp_path}", "run.name=NB", "eval.perplexity=false", "eval.latency=false")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    records = json.loads((tmp_path / "NB" / "results.json").read_text())["records"]
+    assert not [r for r in records if r["role"] == "teacher" and r["backend"] == "onnxruntime"]
 
 
 def test_bench_runs_an_exported_folder_through_onnxruntime(exported, tmp_path):
@@ -95,7 +116,7 @@ def test_distilled_student_is_exported(tmp_path):
     assert proc.returncode == 0, proc.stderr
     metrics = json.loads((tmp_path / "D" / "02_export" / "metrics.json").read_text())
     assert metrics["source"] == str(tmp_path / "D" / "01_distill" / "model")
-    assert [r["variant"] for r in metrics["records"]] == ["onnx-fp32"]
+    assert [r["variant"] for r in metrics["records"] if r["role"] == "student"] == ["onnx-fp32"]
 
 
 def test_parity_failure_exits_2_with_the_figures(exported):

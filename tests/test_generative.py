@@ -48,13 +48,17 @@ def test_splits_never_share_a_paragraph(small_squad):
     assert s.answer(s.train[0]) == s.train[0].answers[0] + "\n" and "Question: " in s.eval[0].text
 
 
-def test_greedy_generation_matches_a_reference_loop(tiny_teacher):
-    """The batched, right-padded generator equals a one-prompt-at-a-time greedy loop in float64."""
-    from compress.evaluate import generate_greedy, torch_logits_fn
+@pytest.mark.parametrize("kind", ["kv-cache", "logits"])
+def test_greedy_generation_matches_a_reference_loop(tiny_teacher, kind):
+    """The batched generators (transformers' generate with the KV cache, left-padded; and the bare-logits
+    loop, right-padded) equal a one-prompt-at-a-time greedy loop in float64."""
+    from compress.evaluate import generate_greedy, logits_generate_fn, torch_generate_fn, torch_logits_fn
 
     _, model, tok = tiny_teacher
     prompts = ["Question: who?", "A much longer prompt about the Broncos and the Panthers, question: when?"]
-    got = generate_greedy(torch_logits_fn(model), tok, prompts, chat=False, max_new_tokens=5, batch_size=2)
+    gen = (torch_generate_fn(model, tok.pad_token_id, tok.eos_token_id) if kind == "kv-cache" else
+           logits_generate_fn(torch_logits_fn(model), tok.pad_token_id, tok.eos_token_id))
+    got = generate_greedy(gen, tok, prompts, chat=False, max_new_tokens=5, batch_size=2)
     m64 = model.to(torch.float64)
     try:
         for prompt, answer in zip(prompts, got):
@@ -83,6 +87,9 @@ def test_squad_pipeline_fine_tunes_and_distils_on_answers(tmp_path, small_squad)
     for r in records:
         assert r["metric"] == "f1" and 0 <= r["f1"] <= 1 and 0 <= r["exact_match"] <= r["f1"] + 1e-9
         assert r["accuracy"] is None and 0 <= r["agreement"] <= 1
+        # the primary metric's per-example scores (F1, to 4 decimals) and its interval
+        assert len(r["example_scores"]) == 16 and sum(r["example_scores"]) / 16 == pytest.approx(r["f1"], abs=1e-4)
+        assert r["score_ci"][0] <= r["f1"] + 1e-4 and r["f1"] - 1e-4 <= r["score_ci"][1]
     student = records[-1]
     if records[2]["f1"]:  # retention over the task's metric, F1, against the fine-tuned teacher
         assert student["retention"] == pytest.approx(student["f1"] / records[2]["f1"])
@@ -105,6 +112,7 @@ def test_jsonl_with_target_field(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     teacher = json.loads((tmp_path / "J" / "results.json").read_text())["records"][0]
     assert teacher["metric"] == "exact_match" and teacher["exact_match"] is not None
+    assert sum(teacher["example_scores"]) / 12 == pytest.approx(teacher["exact_match"])
 
 
 def test_a_label_metric_on_a_generative_task_exits_2(tmp_path, small_squad):

@@ -89,6 +89,7 @@ def test_eval_command_scores_a_stage_model_folder(first_run, tmp_path):
     # the same model on the same data and settings scores as it did in the run's evaluate stage
     assert (record["accuracy"], record["perplexity"]) == pytest.approx((teacher["accuracy"], teacher["perplexity"]))
     assert record["path"] == teacher["path"] and record["decode_tok_s"] > 0
+    assert record["example_scores"] == teacher["example_scores"] and record["score_ci"] == teacher["score_ci"]
 
 
 def test_eval_of_a_missing_model_exits_2():

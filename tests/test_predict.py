@@ -23,7 +23,7 @@ FOLDERS = {"onnx": "onnx-fp32", "onnx-int8": "onnx-int8", "onnx-int4": "onnx-int
 LABELS = [*TINY, "pipeline=export", "export=cpu4bit"]
 GENERATIVE = ["teacher=tiny-random", "student=tiny-random", "data=squad", "eval=quick", "eval.max_new_tokens=8",
               "data.max_chars=300", "data.eval_size=16", "data.use_chat_template=false", "pipeline=export",
-              "export.variants=[fp32]"]
+              "export.variants=[fp32]", "report.baselines=false"]
 """Without the chat template (the other encoding: with the tokenizer's special tokens), where the tiny model's
 greedy answers vary from token to token (in the template, it repeats one byte)."""
 
@@ -97,11 +97,24 @@ def test_every_folder_carries_its_task(labels_run):
         assert (stage / folder / "predict.py").read_text() == (ROOT / "compress" / "runtime.py").read_text()
     task = json.loads((stage / "onnx" / "task.json").read_text())
     assert task["format"] == 1 and task["kind"] == "labels" and task["metric"] == "accuracy"
+    assert task["model"] == "tiny-random"  # the student's name, which `compress serve` reports
     assert task["verbalizers"] == {"fresh": " positive", "rotten": " negative"}
     assert task["use_chat_template"] and task["prompt"]["add_special_tokens"] is False  # ChatML: spelled out
     assert task["prompt"]["prefix"].startswith("<|im_start|>user\nReview: ")
     assert task["prompt"]["suffix"].endswith("<|im_start|>assistant\nThe sentiment is")
     assert task["max_chars"] == 400 and task["generation"]["stop"] == ["\n"]
+
+
+def test_the_teacher_baselines_carry_the_task_too(labels_run, tmp_path):
+    stage, splits = labels_run
+    folder = stage / "teacher-onnx-int8"
+    task = json.loads((folder / "task.json").read_text())
+    assert task["kind"] == "labels" and (folder / "predict.py").is_file() and "labels fresh" in (
+        folder / "README.md").read_text()
+    got = predict_py(folder, [{"text": e.text} for e in splits.eval], tmp_path)
+    record = next(r for r in json.loads((stage / "metrics.json").read_text())["records"]
+                  if r["role"] == "teacher" and r["variant"] == "onnx-int8")
+    assert sum(g["label"] == e.label for g, e in zip(got, splits.eval)) / len(splits.eval) == record["accuracy"]
 
 
 @pytest.mark.parametrize("folder", list(FOLDERS))
@@ -256,7 +269,7 @@ def choices_run(tmp_path_factory):
                                         "data.text_field=q", "data.choices_field=opts", "data.label_field=answer",
                                         "data.verbalizers={red: ' crimson'}", "data.eval_size=20", "eval=quick",
                                         "eval.latency=false", "eval.perplexity=false", "pipeline=export",
-                                        "export.variants=[fp32]"], "C")
+                                        "export.variants=[fp32]", "report.baselines=false"], "C")
 
 
 def test_a_choices_task_takes_each_inputs_choices(choices_run, tmp_path):
@@ -328,7 +341,7 @@ def test_changed_eval_settings_write_the_task_again(tmp_path):
     """Only eval.* changed: the finished export is re-measured in place, and task.json (its batch size and
     generation settings come from eval.*), predict.py and the README are written again."""
     base = [*TINY, "pipeline=export", "export.variants=[fp32]", "eval.latency=false", "eval.perplexity=false",
-            f"run.root={tmp_path}", "run.name=R"]
+            "report.baselines=false", f"run.root={tmp_path}", "run.name=R"]
     assert cli("run", *base).returncode == 0
     folder = tmp_path / "R" / "01_export" / "onnx"
     assert json.loads((folder / "task.json").read_text())["batch_size"] == 8
@@ -350,8 +363,8 @@ def test_a_chat_template_that_changes_the_text_stops_the_stage(tiny_cfg):
     from teachers.loading import byte_tokenizer
 
     tok, splits = byte_tokenizer(), load_splits(tiny_cfg.data)
-    assert task_spec(tok, splits, tiny_cfg)["kind"] == "labels"
+    assert task_spec(tok, splits, tiny_cfg, "tiny")["kind"] == "labels"
     tok.chat_template = "{% for m in messages %}<|im_start|>{{ m['content'] | upper }}<|im_end|>{% endfor %}"
     with pytest.raises(CompressError) as e:
-        task_spec(tok, splits, tiny_cfg)
+        task_spec(tok, splits, tiny_cfg, "tiny")
     assert e.value.problems[0].key == "data.use_chat_template" and "data.use_chat_template=false" in str(e.value)

@@ -5,8 +5,10 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 
+from compress import stats
 from compress.errors import CompressError
 from compress.report import pareto
 from compress.records import Record, relate
@@ -22,18 +24,21 @@ def run(tmp_path_factory):
     return root / "A"
 
 
-def _derived(run, tmp_path, name: str, student_accuracy_delta: float):
-    """A copy of the run's results with the student's accuracy moved (as a worse or better change would)."""
+def _derived(run, tmp_path, name: str, student=None, teacher=None):
+    """A copy of the run's results whose student (and teacher) scored `student(scores)` (`teacher(scores)`) per
+    example instead, as a worse or better model would; accuracy and the derived figures recomputed."""
     res = json.loads((run / "results.json").read_text())
     records = [Record.from_dict(r) for r in res["records"]]
-    records[1].accuracy += student_accuracy_delta
+    for r, change in zip(records, (teacher, student)):
+        if change is not None:
+            r.example_scores = change(list(r.example_scores))
+            r.accuracy = sum(r.example_scores) / len(r.example_scores)
     relate(records)
     res["records"] = [r.to_dict() for r in records]
-    student = res["records"][1]
     out = tmp_path / name
     out.mkdir()
     (out / "results.json").write_text(json.dumps(res))
-    return out, student
+    return out, res["records"][1]
 
 
 def test_run_writes_results_csv_and_report(run):
@@ -68,15 +73,36 @@ def test_check_passes_and_fails_at_the_measured_retention(run):
     assert "FAIL" in bad.stdout
 
 
-def test_check_baseline_drop(run, tmp_path):
-    worse, student = _derived(run, tmp_path, "worse", -0.05)
-    low = f"{student['retention'] / 2:.4f}"  # retention passes: only the drop decides
-    assert cli("check", str(worse), "--min-retention", low, "--baseline", str(run)).returncode == 1
-    proc = cli("check", str(worse), "--min-retention", low, "--baseline", str(run), "--max-drop", "0.06")
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "drop -0.050" not in proc.stdout and "drop +0.050" in proc.stdout
-    better, _ = _derived(run, tmp_path, "better", +0.05)
-    assert cli("check", str(better), "--min-retention", low, "--baseline", str(run)).returncode == 0
+def test_check_baseline_paired_drop(run, tmp_path):
+    """The gate's paired test: identical runs pass; half of the examples lost is a significant drop, which fails
+    above --max-drop and passes within it; a better run passes."""
+    base, _ = _derived(run, tmp_path, "base", student=lambda s: [1] * len(s))
+    worse, _ = _derived(run, tmp_path, "worse", student=lambda s: [0] * (len(s) // 2) + [1] * (len(s) - len(s) // 2))
+    low = ["--min-retention", "0.01"]  # retention passes: only the drop decides
+    same = cli("check", str(base), *low, "--baseline", str(base), "--max-drop", "0")
+    assert same.returncode == 0 and "no significant drop (+0.000, CI 0.000..0.000)" in same.stdout, same.stdout
+    bad = cli("check", str(worse), *low, "--baseline", str(base))
+    assert bad.returncode == 1 and "significant drop of 0.500 (CI 0." in bad.stdout, bad.stdout + bad.stderr
+    within = cli("check", str(worse), *low, "--baseline", str(base), "--max-drop", "0.6")
+    assert within.returncode == 0 and "significant drop of 0.500" in within.stdout, within.stdout + within.stderr
+    assert cli("check", str(base), *low, "--baseline", str(worse)).returncode == 0
+
+
+def test_gate_ignores_one_example_of_500(run, tmp_path):
+    """One example of 500 lost is noise, not a drop: no failure even with --max-drop 0.001; the two runs must
+    have scored the same number of examples."""
+    from compress import gate
+
+    rng = np.random.default_rng(1)
+    scores = {"teacher": rng.integers(0, 2, 500).tolist(), "student": rng.integers(0, 2, 500).tolist()}
+    base, _ = _derived(run, tmp_path, "base", teacher=lambda _: scores["teacher"], student=lambda _: scores["student"])
+    one = scores["student"].index(1)
+    new, _ = _derived(run, tmp_path, "new", teacher=lambda _: scores["teacher"],
+                      student=lambda _: scores["student"][:one] + [0] + scores["student"][one + 1:])
+    _, rows = gate.checks(new, 0.01, baseline=base, max_drop=0.001)
+    assert rows[-1].passed and "no significant drop (+0.002, CI 0.000.." in rows[-1].value, rows[-1]
+    with pytest.raises(CompressError, match="evaluated 500 examples .* evaluated 40"):
+        gate.checks(run, 0.01, baseline=base)
 
 
 @pytest.mark.parametrize("args, needle", [
@@ -85,6 +111,8 @@ def test_check_baseline_drop(run, tmp_path):
     (["RUN", "--stage", "prune"], "no such stage in this run; its stages are ['evaluate']"),
     (["RUN", "--baseline", "OTHER"], "has no accuracy for evaluate student"),
     (["RUN", "--min-retention", "-1"], "--min-retention=-1.0"),
+    (["RUN", "--confidence", "1"], "--confidence=1.0: must be in (0, 1)"),
+    (["RUN", "--confidence", "0"], "--confidence=0.0: must be in (0, 1)"),
 ])
 def test_check_bad_input_exits_2(run, tmp_path, args, needle):
     (tmp_path / "EMPTY").mkdir()
@@ -215,3 +243,84 @@ def test_perplexity_ratio_is_derived_and_gated(run):
     bad = cli("check", str(run), "--min-retention", "0.01", "--max-perplexity-ratio", f"{ratio * 0.99:.6g}")
     assert bad.returncode == 1 and "FAIL" in bad.stdout
     assert cli("check", str(run), "--max-perplexity-ratio", "0").returncode == 2
+
+
+def test_bootstrap_interval_matches_a_direct_loop():
+    """The vectorised interval equals a float64 loop over the same seeded resamples."""
+    assert stats.mean_ci([1] * 30) == [1.0, 1.0] and stats.mean_ci([]) is None
+    scores = [1, 0, 1, 1, 0, 1, 0, 1, 1, 1, 0.5, 0.25]
+    rng, v = np.random.default_rng(stats.SEED), np.asarray(scores, dtype=np.float64)
+    means = [v[rng.integers(0, len(v), size=len(v))].mean() for _ in range(stats.RESAMPLES)]
+    assert stats.mean_ci(scores) == pytest.approx(np.quantile(means, [0.025, 0.975]).tolist(), abs=1e-12)
+    low, high = stats.mean_ci(scores, confidence=0.5)
+    assert stats.mean_ci(scores)[0] <= low < np.mean(scores) < high <= stats.mean_ci(scores)[1]
+
+
+def test_paired_retention_interval():
+    """retention_ci divides the student's mean by the teacher's on the same resampled examples; relate sets it
+    (the reference teacher's is [1, 1]), and a record without per-example scores gets no interval."""
+    teacher = [1, 1, 0, 1, 1, 1, 0, 1, 1, 0]
+    student = [1, 0, 0, 1, 1, 0, 0, 1, 1, 1]
+    rng = np.random.default_rng(stats.SEED)
+    t, s = np.asarray(teacher, dtype=np.float64), np.asarray(student, dtype=np.float64)
+    ratios = []
+    for _ in range(stats.RESAMPLES):
+        idx = rng.integers(0, len(t), size=len(t))
+        ratios.append(s[idx].mean() / t[idx].mean())
+    expected = np.quantile(ratios, [0.025, 0.975]).tolist()
+    records = [Record("evaluate", "teacher", "t", accuracy=0.7, example_scores=teacher),
+               Record("distill", "student", "s", accuracy=0.6, example_scores=student),
+               Record("prune", "student", "s", accuracy=0.5)]  # an old record: no per-example scores
+    relate(records)
+    assert records[1].retention_ci == pytest.approx(expected, abs=1e-12) and records[0].retention_ci == [1.0, 1.0]
+    assert records[1].score_ci == stats.mean_ci(student)
+    assert records[2].score_ci is None and records[2].retention_ci is None
+    assert stats.ratio_ci(student, teacher[:5]) is None
+
+
+def test_tables_show_intervals_and_old_records_none(run):
+    res = json.loads((run / "results.json").read_text())
+    student = res["records"][1]
+    low, high = student["score_ci"]
+    assert len(student["example_scores"]) == 40 and low <= student["accuracy"] <= high
+    assert f"{student['accuracy']:.3f} [{low:.3f}, {high:.3f}]" in (run / "report.md").read_text()
+    rows = list(csv.DictReader((run / "results.csv").open()))
+    assert float(rows[1]["retention_ci_low"]) == pytest.approx(student["retention_ci"][0])
+    from compress.results import cells
+
+    old = Record.from_dict({"stage": "distill", "role": "student", "model": "s", "accuracy": 0.5}).to_dict()
+    assert "0.500" in cells(old) and not any("[" in c for c in cells(old))
+
+
+def _points() -> list[dict]:
+    """Fourteen records whose points crowd each other: twelve students a hair apart, a teacher, a baseline."""
+    recs = [{"stage": f"stage{i}", "role": "student", "model": "student-model", "variant": f"form-{i}",
+             "backend": ("torch", "onnxruntime", "gptq")[i % 3], "retention": 0.9 + 0.012 * (i % 4),
+             "retention_ci": [0.85 + 0.012 * (i % 4), 0.95 + 0.012 * (i % 4)],
+             "decode_tok_s": 10 * 1.05 ** i, "size_mb": 100 / 1.05 ** i} for i in range(12)]
+    recs.append({"stage": "evaluate", "role": "teacher", "model": "teacher-model", "variant": "base",
+                 "backend": "torch", "retention": 1.0, "retention_ci": [1.0, 1.0], "decode_tok_s": 9.0,
+                 "size_mb": 120.0})
+    recs.append({"stage": "export", "role": "teacher", "model": "teacher-model", "variant": "onnx-int8",
+                 "backend": "onnxruntime", "retention": 0.99, "retention_ci": [0.95, 1.02], "decode_tok_s": 12.0,
+                 "size_mb": 40.0})
+    return recs
+
+
+def test_plot_labels_apart_inside_with_error_bars_and_baseline():
+    from matplotlib.container import ErrorbarContainer
+
+    from compress.report import figure
+
+    fig = figure(_points(), "crowded")
+    renderer = fig.canvas.get_renderer()
+    for ax in fig.axes:
+        frame = ax.get_window_extent(renderer)
+        boxes = [t.get_window_extent(renderer) for t in ax.texts]
+        assert len(boxes) == 14
+        for i, a in enumerate(boxes):
+            assert frame.x0 <= a.x0 and a.x1 <= frame.x1 and frame.y0 <= a.y0 and a.y1 <= frame.y1, ax.texts[i]
+            assert not any(a.overlaps(b) for b in boxes[i + 1:]), ax.texts[i]
+        assert sum(isinstance(c, ErrorbarContainer) for c in ax.containers) == 14
+    legend = [t.get_text() for t in fig.legends[0].get_texts()]
+    assert "baseline (teacher on onnxruntime)" in legend and "95% interval" in legend

@@ -23,6 +23,7 @@ import json
 import logging
 import shutil
 import time
+from functools import partial
 from importlib import metadata
 from pathlib import Path
 
@@ -43,7 +44,7 @@ from teachers import loading
 NAME = "export"
 CONSUMES = ("teacher", "student")
 PRODUCES: tuple[str, ...] = ()
-KEYS = ("teacher", "student", "data", "export", "run.seed")
+KEYS = ("teacher", "student", "data", "export", "report.baselines", "run.seed")
 SUMMARY = "ONNX export (optimum) checked against PyTorch, int8/int4 CPU variants, evaluated through onnxruntime"
 
 VARIANTS = ("fp32", "int8", "int4")
@@ -63,7 +64,7 @@ def run(cfg, src: Artifact, out: Path) -> dict:
     e = cfg.export
     splits = load_splits(cfg.data)
     model_dir = Path(src.student()["path"])
-    task = task_spec(loading.load_tokenizer(model_dir, _cpu(cfg.student), "student"), splits, cfg)  # fails early
+    tasks, sources = task_specs(cfg, src, splits)  # a template the runtime cannot reproduce fails here, early
     say(f"  exporting {model_dir} to ONNX (optimum, text-generation-with-past)")
     t0 = time.perf_counter()
     export_onnx(model_dir, out / FOLDERS["fp32"])
@@ -89,9 +90,11 @@ def run(cfg, src: Artifact, out: Path) -> dict:
         parity[variant] = compare(torch_logits_fn(model), ort.logits_fn(lm), prompts, tok.pad_token_id)
         del lm
 
+    if cfg.report.baselines:
+        parity.update(export_baselines(cfg, src, out, splits, threads))
     metrics = measure(cfg, src, out, model, tok, parity, threads)
     write_json(out / "parity.json", parity)
-    write_task(out, cfg, task, splits, metrics["records"], model_dir, parity, threads)
+    write_tasks(cfg, splits, metrics["records"], parity, threads, tasks, sources)
     return {**metrics, "parity": parity, "source": str(model_dir), "timings": timings}
 
 
@@ -103,9 +106,9 @@ def reevaluate(cfg, src: Artifact, path: Path) -> dict:
     parity = json.loads((path / "parity.json").read_text())
     threads = cfg.export.threads or cfg.eval.threads or torch.get_num_threads()
     splits = load_splits(cfg.data)
-    task = task_spec(tok, splits, cfg)
+    tasks, sources = task_specs(cfg, src, splits)
     metrics = measure(cfg, src, path, model, tok, parity, threads)
-    write_task(path, cfg, task, splits, metrics["records"], model_dir, parity, threads)
+    write_tasks(cfg, splits, metrics["records"], parity, threads, tasks, sources)
     return metrics
 
 
@@ -130,6 +133,8 @@ def measure(cfg, src: Artifact, out: Path, model, tok, parity: dict, threads: in
                                  decode_vs_torch=ratio(measured.get("decode_tok_s"), torch_latency.get("decode_tok_s")),
                                  parity_top1=parity[variant]["top1"],
                                  parity_max_abs_diff=parity[variant]["max_abs_diff"]).to_dict())
+    if cfg.report.baselines and (out / BASELINES["fp32"]).is_dir():
+        records += measure_baselines(cfg, src, out, splits, parity, threads)
     write_json(out / "predictions.json", predictions)
     return {"records": records, "torch_fp32_latency": torch_latency, "threads": threads,
             "roles": carry(src, out)}
@@ -304,9 +309,10 @@ def evaluate_onnx(folder: Path, tok, splits, cfg, reference, name: str, threads:
     """Accuracy, agreement, perplexity and latency through an onnxruntime session, plus memory and size."""
     t0 = time.perf_counter()
     with peak_memory(torch.device("cpu")) as mem:
-        logits, latency = ort.open_onnx(folder, threads, cfg.export.graph_optimization)
-        record = evaluate_fns(logits, latency, tok, splits, cfg.data, cfg.eval, reference, name)
-        del logits, latency
+        lm = ort.OnnxLM.open(folder, threads, cfg.export.graph_optimization)
+        record = evaluate_fns(ort.logits_fn(lm), partial(ort.measure_latency, lm), tok, splits, cfg.data, cfg.eval, reference, name,
+                              ort.generate_fn(lm, tok.eos_token_id))
+        del lm
     record.update(peak_mem_mb=mem["peak_mem_mb"], size_mb=weights_size_mb(folder), eval_s=time.perf_counter() - t0)
     return record
 
@@ -320,7 +326,19 @@ SENTINEL = "\ue000text\ue000"
 """Stands for the input while the prompt is rendered once (a private-use character: no template holds it)."""
 
 
-def task_spec(tok, splits, cfg) -> dict:
+def task_specs(cfg, src: Artifact, splits) -> tuple[dict[str, dict], dict[str, Path]]:
+    """task.json of the student's folders, and of the teacher baselines' when there are any; and the model
+    folder each was exported from. Keyed by role."""
+    student, teacher = Path(src.student()["path"]), src.teacher()
+    tasks = {"student": task_spec(loading.load_tokenizer(student, _cpu(cfg.student), "student"), splits, cfg,
+                                  cfg.student.name)}
+    if cfg.report.baselines:
+        tok = loading.load_tokenizer(Path(teacher["path"]), cfg.teacher, "teacher")
+        tasks["teacher"] = task_spec(tok, splits, cfg, teacher.get("name") or cfg.teacher.name)
+    return tasks, {"student": student, "teacher": Path(teacher["path"])}
+
+
+def task_spec(tok, splits, cfg, model: str) -> dict:
     """task.json: everything compress.runtime needs to score as compress.evaluate does, without transformers.
 
     The prompt is rendered once with a sentinel for the text (build_prompt: instruction, chat template, answer
@@ -338,7 +356,7 @@ def task_spec(tok, splits, cfg) -> dict:
                                     "data.use_chat_template=false, or use a model whose template keeps the text"))
     kind = ("generative" if splits.generative else "choices" if any(e.choices is not None for e in splits.eval)
             else "labels" if splits.labelled else "text")
-    return {"format": runtime.FORMAT, "task": d.name, "kind": kind, "metric": d.metric,
+    return {"format": runtime.FORMAT, "model": model, "task": d.name, "kind": kind, "metric": d.metric,
             "prompt": {"prefix": prefix, "suffix": suffix, "add_special_tokens": not chat},
             "use_chat_template": chat, "instruction": d.instruction, "answer_prefix": d.answer_prefix,
             "max_chars": None if d.format == "squad" else d.max_chars,  # SQuAD cuts the passage, not the question
@@ -349,19 +367,20 @@ def task_spec(tok, splits, cfg) -> dict:
             "graph_optimization": cfg.export.graph_optimization}
 
 
-def write_task(out: Path, cfg, task: dict, splits, records: list[dict], source: Path, parity: dict,
-               threads: int) -> None:
-    """Each variant's folder gets task.json, predict.py (this package's runtime) and a README whose
-    example ran here, through predict.py's own code."""
-    example = readme_example(splits, task)
-    for variant, record in zip(cfg.export.variants, records):
-        folder = out / FOLDERS[variant]
-        write_json(folder / runtime.TASK_FILE, task)
+def write_tasks(cfg, splits, records: list[dict], parity: dict, threads: int, tasks: dict[str, dict],
+                sources: dict[str, Path]) -> None:
+    """Every folder measured in `records` (the student's forms, the teacher baselines) gets its role's task.json,
+    predict.py (this package's runtime) and a README whose example ran here, through predict.py's own code."""
+    example = readme_example(splits, tasks["student"])
+    for r in records:
+        folder, variant = Path(r["path"]), r["variant"].removeprefix("onnx-")
+        write_json(folder / runtime.TASK_FILE, tasks[r["role"]])
         tmp = folder / "predict.py.tmp"
         shutil.copyfile(runtime.__file__, tmp)
         tmp.replace(folder / "predict.py")
         shown = runtime.Predictor.open(folder, threads).predict([example])[0]
-        write_readme(folder, variant, source, parity, task, record, example, shown, len(splits.eval))
+        fig = parity[variant if r["role"] == "student" else f"teacher-{variant}"]
+        write_readme(folder, variant, sources[r["role"]], fig, tasks[r["role"]], r, example, shown, len(splits.eval))
 
 
 def readme_example(splits, task: dict) -> dict:
@@ -443,9 +462,10 @@ def _quote(text: str) -> str:
     return "'" + text.replace("'", "'\"'\"'") + "'"
 
 
-def write_readme(folder: Path, variant: str, source: Path, parity: dict, task: dict, record: dict, example: dict,
+def write_readme(folder: Path, variant: str, source: Path, fig: dict, task: dict, record: dict, example: dict,
                  shown: dict, n: int) -> None:
-    fig = parity[variant]
+    """The folder's README: the model, its task, the figures measured, and the task's own command with its
+    real output."""
     line = json.dumps(example, ensure_ascii=False)
     command = (f"echo {_quote(line)} > in.jsonl\npython predict.py --file in.jsonl" if "choices" in example
                else f"python predict.py {_quote(example['text'])}")
@@ -462,3 +482,46 @@ def write_readme(folder: Path, variant: str, source: Path, parity: dict, task: d
         template="the chat template already rendered, encoded as it is" if task["use_chat_template"]
         else "encoded with the tokenizer's special tokens",
         size=weights_size_mb(folder)))
+
+
+
+# --------------------------------------------------------------------------- the teacher baseline
+
+
+BASELINES = {"fp32": "teacher-onnx", "int8": "teacher-onnx-int8"}
+"""Folders of the reference teacher's own ONNX forms: what a user gets by just quantizing the teacher."""
+
+
+def export_baselines(cfg, src: Artifact, out: Path, splits, threads: int) -> dict:
+    """The reference teacher exported like the student (ONNX fp32, checked against PyTorch, and int8);
+    returns their parity figures, keyed `teacher-fp32` and `teacher-int8`."""
+    t_dir = Path(src.teacher()["path"])
+    say(f"  baseline: the reference teacher {src.teacher().get('name', '')} to ONNX fp32 and int8 ({t_dir})")
+    export_onnx(t_dir, out / BASELINES["fp32"])
+    quantize("int8", out / BASELINES["fp32"], out / BASELINES["int8"], cfg.export)
+    model, tok = loading.load(t_dir, _cpu(cfg.teacher), "teacher")
+    prompts = parity_prompts(tok, splits, cfg.data, cfg.export.parity_prompts)
+    parity = {}
+    for variant, folder in BASELINES.items():
+        lm = ort.OnnxLM.open(out / folder, threads, cfg.export.graph_optimization)
+        parity[f"teacher-{variant}"] = compare(torch_logits_fn(model), ort.logits_fn(lm), prompts, tok.pad_token_id)
+        del lm
+    check_parity(parity["teacher-fp32"], cfg.export)
+    return parity
+
+
+def measure_baselines(cfg, src: Artifact, out: Path, splits, parity: dict, threads: int) -> list[dict]:
+    """The teacher baselines measured through onnxruntime like the student's forms: role `teacher`, not an
+    output of the stage (`output` false: never the reference, never gated)."""
+    teacher = src.teacher()
+    tok = loading.load_tokenizer(Path(teacher["path"]), cfg.teacher, "teacher")
+    records = []
+    for variant, folder in BASELINES.items():
+        measured = evaluate_onnx(out / folder, tok, splits, cfg, teacher.get("predictions"),
+                                 f"teacher onnx-{variant}", threads)
+        fig = parity.get(f"teacher-{variant}", {})
+        records.append(Record.of(NAME, "teacher", teacher.get("name") or cfg.teacher.name, measured,
+                                 backend="onnxruntime", variant=f"onnx-{variant}", path=str(out / folder),
+                                 output=False, baseline=True, parity_top1=fig.get("top1"),
+                                 parity_max_abs_diff=fig.get("max_abs_diff")).to_dict())
+    return records

@@ -1,0 +1,98 @@
+"""`compress serve`: a real uvicorn server on 127.0.0.1, real HTTP clients (httpx, and OpenAI's own
+client), answers equal to the folder's predictor, concurrent requests batched, bad requests refused."""
+import asyncio
+import socket
+import threading
+import time
+
+import httpx
+import pytest
+
+from conftest import TINY, cli
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    root = tmp_path_factory.mktemp("runs")
+    proc = cli("run", *TINY, "pipeline=export", "export.variants=[fp32,int8]", "report.baselines=false",
+               f"run.root={root}", "run.name=S")
+    assert proc.returncode == 0, proc.stderr
+    return root / "S" / "01_export" / "onnx-int8"
+
+
+@pytest.fixture(scope="module")
+def server(folder):
+    import uvicorn
+
+    from compress.serve import create_app
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    app = create_app(folder, threads=1, max_batch=16, wait_ms=50)
+    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    deadline = time.time() + 30
+    while not srv.started and time.time() < deadline:
+        time.sleep(0.05)
+    assert srv.started
+    yield f"http://127.0.0.1:{port}", app
+    srv.should_exit = True
+    thread.join(10)
+
+
+TEXTS = ["A wonderful, moving film.", "Dull and far too long.", "I laughed all the way through."]
+
+
+def test_health_and_classify_equal_the_predictor(server):
+    url, app = server
+    assert httpx.get(f"{url}/health").json() == {"status": "ok", "model": app.state.predictor.task.get("model")
+                                                 or "onnx-int8", "task": "labels"}
+    got = httpx.post(f"{url}/v1/classify", json={"input": TEXTS}).json()
+    assert got["data"] == app.state.predictor.classify(TEXTS)
+    assert set(got["data"][0]["scores"]) == {"fresh", "rotten"}
+
+
+def test_concurrent_requests_are_batched(server):
+    url, app = server
+    batcher = app.state.batchers["classify"]
+    before = len(batcher.batches)
+
+    async def many():
+        async with httpx.AsyncClient(timeout=60) as client:
+            return await asyncio.gather(*[client.post(f"{url}/v1/classify", json={"input": [t]})
+                                          for t in TEXTS * 4])
+
+    answers = [r.json()["data"][0] for r in asyncio.run(many())]
+    assert answers == app.state.predictor.classify(TEXTS * 4)
+    assert max(batcher.batches[before:]) > 1  # 12 concurrent requests did not run one by one
+
+
+def test_openai_clients_work_against_it(server):
+    from openai import OpenAI
+
+    url, app = server
+    client = OpenAI(base_url=f"{url}/v1", api_key="unused")
+    done = client.completions.create(model="any", prompt="The movie was", max_tokens=5)
+    expected = app.state.predictor.complete(["The movie was"], 5, [])[0]
+    assert done.choices[0].text == expected["text"] and done.choices[0].finish_reason == expected["finish_reason"]
+    assert done.usage.completion_tokens == expected["completion_tokens"] <= 5
+    chat = client.chat.completions.create(model="any", messages=[{"role": "user", "content": "Say hi"}],
+                                          max_tokens=4, stop=["\n"])
+    assert chat.choices[0].message.role == "assistant" and chat.usage.completion_tokens <= 4
+    assert "\n" not in chat.choices[0].message.content
+
+
+def test_bad_requests_are_refused_with_a_reason(server):
+    url, _ = server
+    r = httpx.post(f"{url}/v1/completions", json={"prompt": "x", "n": 2})
+    assert r.status_code == 400 and "n=1" in r.json()["error"]["message"]
+    assert httpx.post(f"{url}/v1/classify", json={"text": "x"}).status_code == 422  # no `input`
+    r = httpx.post(f"{url}/v1/classify", json={"input": ["a", "b"], "choices": [["x", "y"]]})
+    assert r.status_code == 400 and "one per input" in r.json()["error"]["message"]
+
+
+def test_serve_refuses_a_folder_that_is_not_an_export(tmp_path):
+    proc = cli("serve", str(tmp_path))
+    assert proc.returncode == 2 and "FOLDER" in proc.stderr and "Traceback" not in proc.stderr
