@@ -268,13 +268,15 @@ class Predictor:
             out.append(self.decode(new, True).split("\n")[0].strip())
         return out
 
-    def complete(self, prompts: list[str], max_new_tokens: int = 16, stop: list[str] | None = None) -> list[dict]:
-        """Raw completion, no task template: each prompt (tokenized with the tokenizer's special tokens)
-        continued greedily, cut before the first `stop` string. Returns text, finish_reason ("stop": EOS
-        or a stop string; "length"), prompt_tokens and completion_tokens."""
+    def complete(self, prompts: list[str], max_new_tokens: int = 16, stop: list[str] | None = None,
+                 special: bool = True) -> list[dict]:
+        """Raw completion, no task template: each prompt (tokenized with the tokenizer's special tokens, unless
+        `special` is false: a chat-templated prompt spells them out) continued greedily, cut before the first
+        `stop` string. Returns text, finish_reason ("stop": EOS or a stop string; "length"), prompt_tokens and
+        completion_tokens."""
         out, stop = [], [s for s in stop or [] if s]
         for prompt in prompts:
-            ids = self.encode(prompt, True)
+            ids = self.encode(prompt, special)
             new, reason = self.greedy(ids, max_new_tokens, stop)
             text = self.decode(new, True)
             for s in stop:

@@ -129,8 +129,8 @@ def create_app(folder: Path, threads: int | None = None, max_batch: int = 16, wa
         own = [c for _, c in items]
         return predictor.classify([t for t, _ in items], own if any(c is not None for c in own) else None)
 
-    def complete(items: list[tuple[str, int, list[str]]]) -> list[dict]:
-        return [predictor.complete([p], n, stop)[0] for p, n, stop in items]
+    def complete(items: list[tuple[str, int, list[str], bool]]) -> list[dict]:
+        return [predictor.complete([p], n, stop, special)[0] for p, n, stop, special in items]
 
     batchers = {"classify": Batcher(classify, worker, max_batch, wait_ms / 1000),
                 "complete": Batcher(complete, worker, max_batch, wait_ms / 1000)}
@@ -171,7 +171,7 @@ def create_app(folder: Path, threads: int | None = None, max_batch: int = 16, wa
     async def completions(req: CompletionRequest) -> dict:
         _refuse_unsupported(req)
         prompts = [req.prompt] if isinstance(req.prompt, str) else req.prompt
-        outs = await batchers["complete"]([(p, req.max_tokens, _stops(req.stop)) for p in prompts])
+        outs = await batchers["complete"]([(p, req.max_tokens, _stops(req.stop), True) for p in prompts])
         return {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
                 "model": name, "choices": [{"index": i, "text": o["text"], "logprobs": None,
                                             "finish_reason": o["finish_reason"]} for i, o in enumerate(outs)],
@@ -180,9 +180,9 @@ def create_app(folder: Path, threads: int | None = None, max_batch: int = 16, wa
     @app.post("/v1/chat/completions")
     async def chat_completions(req: ChatRequest) -> dict:
         _refuse_unsupported(req)
-        prompt = chat([m.model_dump() for m in req.messages])
+        prompt, templated = chat([m.model_dump() for m in req.messages])
         limit = req.max_completion_tokens or req.max_tokens or predictor.task["generation"]["max_new_tokens"]
-        [o] = await batchers["complete"]([(prompt, limit, _stops(req.stop))])
+        [o] = await batchers["complete"]([(prompt, limit, _stops(req.stop), not templated)])
         return {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
                 "model": name, "choices": [{"index": 0, "message": {"role": "assistant", "content": o["text"]},
                                             "finish_reason": o["finish_reason"]}], "usage": _usage([o])}
@@ -195,15 +195,16 @@ def _usage(outs: list[dict]) -> dict:
     return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
 
 
-def _chat_renderer(folder: Path) -> Callable[[list[dict]], str]:
-    """messages -> prompt text, by the tokenizer's chat template (transformers renders it); without one,
-    `role: content` lines and `assistant:`."""
+def _chat_renderer(folder: Path) -> Callable[[list[dict]], tuple[str, bool]]:
+    """messages -> (prompt text, whether a chat template wrote it): by the tokenizer's chat template
+    (transformers renders it; its text spells out the special tokens); without one, `role: content` lines
+    and `assistant:`."""
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(folder)
     if getattr(tok, "chat_template", None):
-        return lambda messages: tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    return lambda messages: "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
+        return lambda messages: (tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True), True)
+    return lambda messages: ("".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:", False)
 
 
 def serve(folder: Path, host: str, port: int, threads: int | None, max_batch: int, wait_ms: float) -> None:
