@@ -209,8 +209,14 @@ def _read_squad(path: Path | None, cfg) -> list[Example]:
         import datasets
 
         rows = datasets.load_dataset(cfg.hub_id, split="validation")
-        return [Example(f"{truncate(r['context'], cfg.max_chars)}\nQuestion: {r['question'].strip()}",
-                        answers=tuple(dict.fromkeys(r["answers"]["text"])), group=r["context"][:200]) for r in rows]
+        out = []
+        for r in rows:
+            context = truncate(r["context"], cfg.max_chars)
+            answers = _answers_in(context, r["answers"]["text"])
+            if answers:
+                out.append(Example(f"{context}\nQuestion: {r['question'].strip()}", answers=answers,
+                                   group=r["context"][:200]))
+        return out
     try:
         articles = json.loads(_open_text(path))["data"]
         out = []
@@ -218,8 +224,7 @@ def _read_squad(path: Path | None, cfg) -> list[Example]:
             for p, para in enumerate(article["paragraphs"]):
                 context = truncate(para["context"], cfg.max_chars)
                 for qa in para["qas"]:
-                    refs = (x["text"].strip() for x in qa.get("answers", []))
-                    answers = tuple(dict.fromkeys(r for r in refs if r))
+                    answers = _answers_in(context, [x["text"] for x in qa.get("answers", [])])
                     if answers:  # SQuAD 2.0's unanswerable questions have none: not scorable here
                         out.append(Example(f"{context}\nQuestion: {qa['question'].strip()}", answers=answers,
                                            group=f"{a}.{p}"))
@@ -228,6 +233,12 @@ def _read_squad(path: Path | None, cfg) -> list[Example]:
                                     "expected data[].paragraphs[].context and .qas[].question/.answers[].text)")
                             ) from None
     return out
+
+
+def _answers_in(context: str, refs: list[str]) -> tuple[str, ...]:
+    """The distinct non-empty references that the (possibly cut) passage still contains: a question whose
+    answer was cut away with the passage's end is dropped, not scored as unanswerable."""
+    return tuple(dict.fromkeys(r.strip() for r in refs if r.strip() and r.strip() in context))
 
 
 def _read_targets(path: Path, cfg) -> list[Example]:
