@@ -30,6 +30,13 @@ def smollm2() -> Path:
     return loading.resolve(load_config([]).teacher, "teacher")
 
 
+def tiny_random() -> Path:
+    from compress.config import load_config
+    from teachers import loading
+
+    return loading.resolve(load_config(["teacher=tiny-random"]).teacher, "teacher")
+
+
 def qwen_random(tmp: Path) -> Path:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -78,7 +85,8 @@ def measure(name: str, folder: Path, dtypes: list[str], rounds: int, cache: Path
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--dtypes", default="float32", help="candidate dtypes (eval.cpu_dtypes), comma-separated")
-    p.add_argument("--models", default="smollm2,qwen2.5-0.5b-random")
+    p.add_argument("--models", default="smollm2,qwen2.5-0.5b-random",
+                   help="smollm2, qwen2.5-0.5b-random and/or tiny-random (for tests)")
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "calibration.json")
     args = p.parse_args()
@@ -94,7 +102,7 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.models.split(","):
-            folder = smollm2() if name == "smollm2" else qwen_random(Path(tmp) / name)
+            folder = {"smollm2": smollm2, "tiny-random": tiny_random}.get(name, lambda: qwen_random(Path(tmp) / name))()
             cache = Path(tmp) / f"calibration-{name}.json"  # an empty cache: the calibration runs
             rows += measure(name, folder, args.dtypes.split(","), args.rounds, cache)
     t = Table(title=f"calibration vs torch defaults (load {start['load_average'][0]:.2f})")

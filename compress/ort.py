@@ -28,6 +28,7 @@ import torch
 
 from compress import extras
 from compress.errors import CompressError, Problem
+from compress import runtime
 from compress.runtime import GRAPH_LEVELS, session  # noqa: F401  (one CPU session for compress and predict.py)
 
 
@@ -89,27 +90,18 @@ def logits_fn(lm: OnnxLM):
 
 
 def generate_fn(lm: OnnxLM, eos: int | None):
-    """A compress.evaluate.GenerateFn over the session: greedy, one prompt at a time, the KV cache fed back."""
+    """A compress.evaluate.GenerateFn over the session: greedy, one prompt at a time, the KV cache fed back
+    (compress.runtime.greedy: the loop an exported folder's predict.py runs)."""
     present = ["logits"] + [n.replace("past_key_values.", "present.") for n in lm.past_names]
 
+    def run(ids: np.ndarray, mask: np.ndarray, positions: np.ndarray, past: dict) -> tuple:
+        feed = {"input_ids": ids, "attention_mask": mask, **past, **({"position_ids": positions} if lm.positions
+                                                                      else {})}
+        logits, *kv = lm.sess.run(present, feed)  # (1, T, V), L x (1, H, P + T, D)
+        return logits, dict(zip(lm.past_names, kv))
+
     def generate(prompts: list[list[int]], max_new_tokens: int, stop) -> list[list[int]]:
-        outs = []
-        for prompt in prompts:
-            past, ids, n, new = lm.empty_past(1), list(prompt), len(prompt), []
-            for _ in range(max_new_tokens):
-                feed = {"input_ids": np.array([ids], np.int64), "attention_mask": np.ones((1, n), np.int64), **past}
-                if lm.positions:
-                    feed["position_ids"] = np.arange(n - len(ids), n, dtype=np.int64)[None]
-                logits, *kv = lm.sess.run(present, feed)  # (1, t, V), L x (1, H, n, D)
-                token = int(logits[0, -1].argmax())
-                if token == eos:
-                    break
-                new.append(token)
-                if stop(new):
-                    break
-                past, ids, n = dict(zip(lm.past_names, kv)), [token], n + 1
-            outs.append(new)
-        return outs
+        return [runtime.greedy(run, lm.empty_past(1), p, max_new_tokens, eos, stop)[0] for p in prompts]
 
     return generate
 

@@ -108,6 +108,29 @@ def read_task(folder: Path) -> dict:
     return task
 
 
+def greedy(run, empty_past: dict, ids: list[int], max_new_tokens: int, eos: int | None,
+           stop) -> tuple[list[int], str]:
+    """Greedy decoding with the KV cache, batch 1: `run(ids, mask, positions, past) -> (logits (1, T, V), past)`
+    is one forward of the graph. New tokens until EOS (not kept), `stop(new tokens)` holds (that token kept) or
+    `max_new_tokens`; returns (tokens, "stop" or "length"). compress.ort's evaluation decodes through this too."""
+    new, t = [], len(ids)
+    logits, past = run(np.array([ids], np.int64), np.ones((1, t), np.int64), np.arange(t, dtype=np.int64)[None],
+                       empty_past)
+    for _ in range(max_new_tokens):
+        token = int(logits[0, -1].argmax())
+        if token == eos:
+            return new, "stop"
+        new.append(token)
+        if stop(new):
+            return new, "stop"
+        if len(new) == max_new_tokens:
+            break
+        n = t + len(new)
+        logits, past = run(np.array([[token]], np.int64), np.ones((1, n), np.int64), np.array([[n - 1]], np.int64),
+                           past)
+    return new, "length"
+
+
 class Predictor:
     """An exported folder: its onnxruntime session, tokenizer and task."""
 
@@ -238,23 +261,8 @@ class Predictor:
     def greedy(self, ids: list[int], max_new_tokens: int, stop: list[str]) -> tuple[list[int], str]:
         """Greedy new tokens after `ids` with the KV cache, batch 1: until EOS, a `stop` string in the decoded
         text, or `max_new_tokens`. Returns (tokens, "stop" or "length")."""
-        eos, new = self.task["generation"]["eos_token_id"], []
-        t = len(ids)
-        logits, past = self._run(np.array([ids], np.int64), np.ones((1, t), np.int64),
-                                 np.arange(t, dtype=np.int64)[None], self._empty_past(1))
-        for _ in range(max_new_tokens):
-            token = int(logits[0, -1].argmax())
-            if token == eos:
-                return new, "stop"
-            new.append(token)
-            if any(s in self.decode(new, False) for s in stop):
-                return new, "stop"
-            if len(new) == max_new_tokens:
-                break
-            n = t + len(new)
-            logits, past = self._run(np.array([[token]], np.int64), np.ones((1, n), np.int64),
-                                     np.array([[n - 1]], np.int64), past)
-        return new, "length"
+        return greedy(self._run, self._empty_past(1), ids, max_new_tokens, self.task["generation"]["eos_token_id"],
+                      lambda new: any(s in self.decode(new, False) for s in stop))
 
     def generate(self, texts: list[str], max_new_tokens: int | None = None) -> list[str]:
         """The task's answer to each text: its prompt continued greedily up to a newline, EOS or

@@ -62,3 +62,29 @@ def test_pipeline_tradeoff_and_baselines_on_tiny_models(tmp_path):
     student = json.loads((run / "00_evaluate" / "metrics.json").read_text())["roles"]["student"]["path"]
     assert json.loads(out.read_text())["student"] == str((run / "00_evaluate" / student).resolve())  # by role
     assert "onnxruntime cannot open" in rows["student onnx 09_export/model"]["skipped"]
+
+
+def test_squad_calibration_and_soft_on_benchmarks_on_tiny_models(tmp_path):
+    from conftest import DATA
+
+    out = tmp_path / "squad.json"
+    proc = _script("squad.py", "--out", str(out), "teacher=tiny-random", "student=tiny-random", "eval=quick",
+                   "eval.max_new_tokens=3", "data.eval_size=6", f"data.path={DATA / 'squad' / 'squad_dev_v1.1.json'}", "pipeline=evaluate",
+                   f"run.root={tmp_path}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads(out.read_text())
+    assert [(r["role"], r["metric"]) for r in res["records"]] == [("teacher", "f1"), ("student", "f1")]
+    assert "teacher, zero-shot" in proc.stdout and len(res["hardware"]["load_average"]) == 3
+
+    out = tmp_path / "calibration.json"
+    proc = _script("calibration.py", "--models", "tiny-random", "--rounds", "1", "--out", str(out))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["setting"] for r in rows] == ["default", "calibrated"] and rows[1]["decode_speedup"] > 0
+    assert rows[1]["timings"] and rows[0]["attn_implementation"] == "sdpa"
+
+    out = tmp_path / "soft_on.json"
+    proc = _script("soft_on.py", "--out", str(out), *TINY, "distill=quick", f"run.root={tmp_path}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert set(rows) == {"answer", "all"} and all(r["perplexity_ratio"] > 0 for r in rows.values())

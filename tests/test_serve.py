@@ -96,3 +96,20 @@ def test_bad_requests_are_refused_with_a_reason(server):
 def test_serve_refuses_a_folder_that_is_not_an_export(tmp_path):
     proc = cli("serve", str(tmp_path))
     assert proc.returncode == 2 and "FOLDER" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_serve_load_benchmark_reports_throughput_and_latency(folder, tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    out = tmp_path / "serve_load.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "serve_load.py"), str(folder), "--clients", "1,4",
+                           "--requests", "8", "--threads", "1", "--out", str(out)], capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["clients"] for r in rows] == [1, 4] and all(r["requests"] == 8 for r in rows)
+    assert all(0 < r["p50_ms"] <= r["p99_ms"] and r["requests_per_s"] > 0 for r in rows)
