@@ -31,7 +31,8 @@ def rows(result: dict) -> list[dict]:
     for r in result["records"]:
         what = {("evaluate", "teacher"): "teacher, zero-shot", ("evaluate", "student"): "student, cut (no training)",
                 ("finetune_teacher", "teacher"): "teacher, fine-tuned", ("distill", "student"): "student, distilled"}
-        label = what.get((r["stage"], r["role"])) or f"student, {r.get('variant') or r['stage']}"
+        label = what.get((r["stage"], r["role"])) or f"{r['role']}{' baseline' if r.get('baseline') else ''}, " \
+                                                      f"{r.get('variant') or r['stage']}"
         out.append({"model": label, "backend": r.get("backend"), "exact_match": r.get("exact_match"),
                     "f1": r.get("f1"), "retention_f1": r.get("retention"), "perplexity_ratio": r.get("perplexity_ratio"),
                     "decode_tok_s": r.get("decode_tok_s"), "speedup": r.get("speedup")})
