@@ -45,11 +45,16 @@ def run_and_record(overrides: list[str], out: Path, name: str) -> dict:
     return result
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "pipeline_tradeoff.json")
+def arguments(doc: str, name: str) -> argparse.Namespace:
+    """`[--out JSON] [OVERRIDE...]` of a benchmark that runs a pipeline; --out defaults to results/NAME.json."""
+    p = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / f"{name}.json")
     p.add_argument("overrides", nargs="*", metavar="OVERRIDE")
-    args = p.parse_args()
+    return p.parse_args()
+
+
+def main() -> None:
+    args = arguments(__doc__, "pipeline_tradeoff")
     run_and_record(args.overrides, args.out, "pipeline_tradeoff")
 
 

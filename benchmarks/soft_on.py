@@ -10,11 +10,10 @@ the default job's. Writes benchmarks/results/soft_on.json. Accuracy and perplexi
 """
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
-from pipeline_tradeoff import ROOT, run_and_record
+from pipeline_tradeoff import arguments, run_and_record
 
 PRESET = ["pipeline.stages=[evaluate,distill]", "data.eval_size=200", "data.unlabeled_size=1200",
           "distill.max_steps=150", "eval.latency=false"]
@@ -37,10 +36,7 @@ def main() -> None:
 
     from compress.console import out
 
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "soft_on.json")
-    p.add_argument("overrides", nargs="*", metavar="OVERRIDE")
-    args = p.parse_args()
+    args = arguments(__doc__, "soft_on")
     rows = {}
     for soft_on in ("answer", "all"):
         res = run_and_record([*PRESET, f"distill.soft_on={soft_on}", *args.overrides],

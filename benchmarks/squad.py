@@ -11,10 +11,8 @@ and prints the table below. Speed figures mean something only on a quiet machine
 """
 from __future__ import annotations
 
-import argparse
-from pathlib import Path
 
-from pipeline_tradeoff import ROOT, run_and_record
+from pipeline_tradeoff import ROOT, arguments, run_and_record
 
 SQUAD = ROOT.parent / "shared" / "data" / "squad" / "squad_dev_v1.1.json"
 PRESET = ["data=squad", f"data.path={SQUAD}", "data.eval_size=150", "data.train_size=240",
@@ -43,10 +41,7 @@ def main() -> None:
     from compress.console import out
     from rich.table import Table
 
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "squad.json")
-    p.add_argument("overrides", nargs="*", metavar="OVERRIDE")
-    args = p.parse_args()
+    args = arguments(__doc__, "squad")
     result = run_and_record([*PRESET, *args.overrides], args.out, "squad")
     t = Table(title=f"SQuAD v1.1 dev ({len(result['records'])} records, load average "
                     f"{result['hardware']['load_average'][0]:.2f} -> {result['load_average_end'][0]:.2f})")
