@@ -13,6 +13,7 @@ but changes the measured accuracy, so it is chosen only where asked).
 """
 from __future__ import annotations
 
+import copy
 import json
 import os
 import platform
@@ -22,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from compress.errors import CompressError, Problem
 from compress.hub import cache_root, text_hash
 
 ATTENTION = ("sdpa", "eager")
@@ -45,10 +47,13 @@ def thread_candidates(default: int) -> list[int]:
     return sorted({1, max(1, default // 2), default})
 
 
-def candidates(eval_cfg, model_cfg, default_threads: int) -> list[dict]:
-    """Every (threads, attention, dtype) to time, with the fixed axes fixed."""
+def candidates(eval_cfg, model_cfg, default_threads: int, softcapped: bool = False) -> list[dict]:
+    """Every (threads, attention, dtype) to time, with the fixed axes fixed; a model with attention soft-capping
+    (`softcapped`) only with eager attention."""
     threads = [eval_cfg.threads] if eval_cfg.threads else thread_candidates(default_threads)
     attn = [model_cfg.attn_implementation] if model_cfg.attn_implementation else list(ATTENTION)
+    if softcapped and not model_cfg.attn_implementation:
+        attn = ["eager"]  # SDPA drops Gemma-2's attention logit soft-capping: results would depend on speed
     dtypes = [model_cfg.dtype] if model_cfg.dtype != "auto" else list(eval_cfg.cpu_dtypes)
     return [{"threads": t, "attn_implementation": a, "dtype": d} for d in dtypes for a in attn for t in threads]
 
@@ -85,7 +90,8 @@ def calibrate(model, folder: Path, model_cfg, eval_cfg, fingerprint: str, cache:
     threads, attn_implementation, dtype, the timings of every candidate (seconds) and whether it came
     from the cache (`cache`, default `<cache root>/calibration.json`). One candidate (every axis fixed)
     is applied without timing."""
-    todo = candidates(eval_cfg, model_cfg, TORCH_THREADS)
+    softcapped = bool(getattr(model.config, "attn_logit_softcapping", None))
+    todo = candidates(eval_cfg, model_cfg, TORCH_THREADS, softcapped)
     key = text_hash(json.dumps([fingerprint, machine(), todo]))[:24]
     cache = cache or cache_root() / "calibration.json"
     known = _read(cache)
@@ -94,14 +100,20 @@ def calibrate(model, folder: Path, model_cfg, eval_cfg, fingerprint: str, cache:
     elif len(todo) == 1:
         choice = {**todo[0], "timings": {}, "cached": False}
     else:
-        timings = {}
+        timings, native = {}, str(next(model.parameters()).dtype).removeprefix("torch.")
+        copies: dict[str, object] = {}  # another dtype is timed on a copy: casting back would round the weights
         for cand in todo:
             try:
-                apply(model, cand)
-                timings[_name(cand)] = time_forward(model, eval_cfg.calibration_tokens, 8, 2)
+                target = model if cand["dtype"] == native else copies.setdefault(cand["dtype"], copy.deepcopy(model))
+                apply(target, cand)
+                timings[_name(cand)] = time_forward(target, eval_cfg.calibration_tokens, 8, 2)
             except Exception as e:  # an attention implementation this model does not support
-                timings[_name(cand)] = f"failed: {type(e).__name__}"
+                timings[_name(cand)] = f"failed: {type(e).__name__}: {str(e)[:120]}"
+        copies.clear()
         timed = [c for c in todo if isinstance(timings[_name(c)], float)]
+        if not timed:
+            raise CompressError(Problem("eval.calibrate", True, f"no candidate setting ran this model ({folder}): "
+                                        f"{timings}; set eval.calibrate=false, or fix the failing setting"))
         best = min(timed, key=lambda c: timings[_name(c)])
         choice = {**best, "timings": timings, "model": str(folder), "machine": machine(), "cached": False}
         _write(cache, {**_read(cache), key: {k: v for k, v in choice.items() if k != "cached"}})

@@ -200,14 +200,20 @@ def cmd_predict(args) -> int:
 
 
 def cmd_serve(args) -> int:
-    from compress import serve
+    from compress import serve  # noqa: F401  (fastapi, uvicorn)
 
     if not 0 < args.port < 65536:
         raise CompressError(Problem("--port", args.port, "a TCP port in 1-65535, e.g. 8000"))
     if args.max_batch < 1 or args.wait_ms < 0:
         raise CompressError(Problem("--max-batch/--wait-ms", f"{args.max_batch}/{args.wait_ms}",
                                     "max-batch >= 1 and wait-ms >= 0"))
-    serve.serve(_exported_folder(args.folder), args.host, args.port, args.threads, args.max_batch, args.wait_ms)
+    from compress import runtime
+
+    folder = _exported_folder(args.folder)
+    try:
+        serve.serve(folder, args.host, args.port, args.threads, args.max_batch, args.wait_ms)
+    except runtime.BadInput as e:
+        raise CompressError(Problem(e.key, e.value, e.fix)) from None
     return 0
 
 

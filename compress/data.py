@@ -238,7 +238,8 @@ def _read_squad(path: Path | None, cfg) -> list[Example]:
 def _answers_in(context: str, refs: list[str]) -> tuple[str, ...]:
     """The distinct non-empty references that the (possibly cut) passage still contains: a question whose
     answer was cut away with the passage's end is dropped, not scored as unanswerable."""
-    return tuple(dict.fromkeys(r.strip() for r in refs if r.strip() and r.strip() in context))
+    kept = (" ".join(r.split()) for r in refs)  # the passage's whitespace is collapsed by the cut too
+    return tuple(dict.fromkeys(r for r in kept if r and (r in context or r in " ".join(context.split()))))
 
 
 def _read_targets(path: Path, cfg) -> list[Example]:

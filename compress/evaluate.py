@@ -155,8 +155,18 @@ cache supply their own (`torch_generate_fn`, `compress.ort.generate_fn`); `logit
 logits function into one."""
 
 
-def torch_generate_fn(model, pad_id: int, eos: int | None) -> GenerateFn:
-    """Greedy decoding with the model's KV cache (transformers' `generate`), left-padded batches."""
+def eos_ids(tokenizer, generation_config=None) -> list[int]:
+    """Every token that ends an answer: the tokenizer's EOS and the generation config's (Gemma-2's
+    `<end_of_turn>`, Phi-3's `<|end|>`, Llama-3's `<|eot_id|>` are not the tokenizer's EOS)."""
+    ids = [tokenizer.eos_token_id]
+    extra = getattr(generation_config, "eos_token_id", None) if generation_config is not None else None
+    ids += extra if isinstance(extra, (list, tuple)) else [extra]
+    return list(dict.fromkeys(i for i in ids if i is not None))
+
+
+def torch_generate_fn(model, pad_id: int, eos: list[int]) -> GenerateFn:
+    """Greedy decoding with the model's KV cache (transformers' `generate`), left-padded batches. The model's
+    own generation defaults (sampling, temperature, repetition penalty) are ignored: greedy is greedy."""
     from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList
 
     device = next(model.parameters()).device
@@ -176,15 +186,16 @@ def torch_generate_fn(model, pad_id: int, eos: int | None) -> GenerateFn:
         for i, p in enumerate(prompts):
             ids[i, width - len(p):], mask[i, width - len(p):] = torch.tensor(p), 1
         config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad_id,
-                                  eos_token_id=eos)
+                                  eos_token_id=list(eos) or None)
         out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=config,
-                             stopping_criteria=StoppingCriteriaList([Stop(width, stop)]))  # (B, T + N)
+                             stopping_criteria=StoppingCriteriaList([Stop(width, stop)]),
+                             use_model_defaults=False)  # (B, T + N)
         return [cut(row, eos, stop) for row in out[:, width:].tolist()]
 
     return generate
 
 
-def logits_generate_fn(logits_fn: LogitsFn, pad_id: int, eos: int | None) -> GenerateFn:
+def logits_generate_fn(logits_fn: LogitsFn, pad_id: int, eos: list[int]) -> GenerateFn:
     """Greedy decoding from a bare logits function: each step runs the right-padded batch again (no KV
     cache) and reads each sequence's next-token logits at its last real position. For backends that only
     score (llama.cpp's logits); slow for long answers."""
@@ -199,7 +210,7 @@ def logits_generate_fn(logits_fn: LogitsFn, pad_id: int, eos: int | None) -> Gen
                 if done[b]:
                     continue
                 token = int(logits[b, last.index(len(s) - 1)].argmax())
-                if token == eos:
+                if token in eos:
                     done[b] = True
                     continue
                 s.append(token)
@@ -212,11 +223,11 @@ def logits_generate_fn(logits_fn: LogitsFn, pad_id: int, eos: int | None) -> Gen
     return generate
 
 
-def cut(tokens: list[int], eos: int | None, stop) -> list[int]:
+def cut(tokens: list[int], eos: list[int], stop) -> list[int]:
     """`tokens` up to (not including) the first EOS, and up to (including) the first token where `stop` holds."""
     kept: list[int] = []
     for t in tokens:
-        if t == eos:
+        if t in eos:
             break
         kept.append(t)
         if stop(kept):
@@ -437,7 +448,7 @@ def evaluate_torch(model, tokenizer, splits, data_cfg, eval_cfg, reference: list
         return measure_latency(model, prompt, decode_tokens, warmup, runs)
 
     record = {"params": count_params(model)}
-    generate = torch_generate_fn(model, tokenizer.pad_token_id, tokenizer.eos_token_id)
+    generate = torch_generate_fn(model, tokenizer.pad_token_id, eos_ids(tokenizer, model.generation_config))
     return {**record, **evaluate_fns(torch_logits_fn(model), latency, tokenizer, splits, data_cfg, eval_cfg,
                                      reference, name, generate)}
 
@@ -454,7 +465,7 @@ def evaluate_fns(fn: LogitsFn, latency: LatencyFn | None, tokenizer, splits, dat
     `example_scores` are each eval example's score on the primary metric, in eval order."""
     record: dict = {}
     if eval_cfg.accuracy and splits.generative:
-        generate = generate or logits_generate_fn(fn, tokenizer.pad_token_id, tokenizer.eos_token_id)
+        generate = generate or logits_generate_fn(fn, tokenizer.pad_token_id, eos_ids(tokenizer))
         scored = score_generation(generate, tokenizer, splits, data_cfg, eval_cfg, f"{name}: answers")
         record.update(exact_match=scored["exact_match"], f1=scored["f1"], predictions=scored["predictions"],
                       metric=data_cfg.metric)

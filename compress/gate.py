@@ -61,7 +61,7 @@ def pick(records: list[Record], stage: str | None, run_dir: Path) -> tuple[str, 
     chosen = [r for r in records if r.stage == stage]
     if not chosen:
         raise CompressError(Problem("--stage", stage, f"no such stage in this run; its stages are {stages}"))
-    return stage, produced_students(records, stage) or [r for r in chosen if r.role == "teacher"] or chosen
+    return stage, produced_students(records, stage) or [r for r in chosen if r.role == "teacher" and r.output] or chosen
 
 
 def checks(run_dir: Path, min_retention: float, stage: str | None = None, baseline: Path | None = None,

@@ -89,7 +89,7 @@ def logits_fn(lm: OnnxLM):
     return logits
 
 
-def generate_fn(lm: OnnxLM, eos: int | None):
+def generate_fn(lm: OnnxLM, eos: list[int]):
     """A compress.evaluate.GenerateFn over the session: greedy, one prompt at a time, the KV cache fed back
     (compress.runtime.greedy: the loop an exported folder's predict.py runs)."""
     present = ["logits"] + [n.replace("past_key_values.", "present.") for n in lm.past_names]

@@ -91,6 +91,12 @@ def log_softmax(x: np.ndarray) -> np.ndarray:
     return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
 
 
+def eos_ids(task: dict) -> list[int]:
+    """The tokens that end an answer: `eos_token_ids` (tokenizer and generation config), else `eos_token_id`."""
+    gen = task["generation"]
+    return list(gen.get("eos_token_ids") or [gen["eos_token_id"]])
+
+
 def read_task(folder: Path) -> dict:
     """The folder's task.json, checked: a folder without model.onnx or task.json is bad input."""
     folder = Path(folder)
@@ -101,14 +107,18 @@ def read_task(folder: Path) -> dict:
                 "a run's export stage), which holds model.onnx, tokenizer.json and task.json")
         missing = [n for n in ("model.onnx", TASK_FILE) if not (folder / n).is_file()]
         raise BadInput("FOLDER", str(folder), f"no {' and no '.join(missing)} here; {hint}")
-    task = json.loads((folder / TASK_FILE).read_text())
+    try:
+        task = json.loads((folder / TASK_FILE).read_text())
+    except ValueError as e:
+        raise BadInput(TASK_FILE, str(folder / TASK_FILE), f"is not valid JSON ({e}); export the model again")
+
     if task.get("format", 0) > FORMAT or task.get("kind") not in KINDS:
         raise BadInput(TASK_FILE, task.get("format"), f"written by a newer compress (format {task.get('format')}, "
                        f"this runtime reads {FORMAT}): run the predict.py of the same folder")
     return task
 
 
-def greedy(run, empty_past: dict, ids: list[int], max_new_tokens: int, eos: int | None,
+def greedy(run, empty_past: dict, ids: list[int], max_new_tokens: int, eos: list[int],
            stop) -> tuple[list[int], str]:
     """Greedy decoding with the KV cache, batch 1: `run(ids, mask, positions, past) -> (logits (1, T, V), past)`
     is one forward of the graph. New tokens until EOS (not kept), `stop(new tokens)` holds (that token kept) or
@@ -118,7 +128,7 @@ def greedy(run, empty_past: dict, ids: list[int], max_new_tokens: int, eos: int 
                        empty_past)
     for _ in range(max_new_tokens):
         token = int(logits[0, -1].argmax())
-        if token == eos:
+        if token in eos:
             return new, "stop"
         new.append(token)
         if stop(new):
@@ -261,7 +271,7 @@ class Predictor:
     def greedy(self, ids: list[int], max_new_tokens: int, stop: list[str]) -> tuple[list[int], str]:
         """Greedy new tokens after `ids` with the KV cache, batch 1: until EOS, a `stop` string in the decoded
         text, or `max_new_tokens`. Returns (tokens, "stop" or "length")."""
-        return greedy(self._run, self._empty_past(1), ids, max_new_tokens, self.task["generation"]["eos_token_id"],
+        return greedy(self._run, self._empty_past(1), ids, max_new_tokens, eos_ids(self.task),
                       lambda new: any(s in self.decode(new, False) for s in stop))
 
     def generate(self, texts: list[str], max_new_tokens: int | None = None) -> list[str]:

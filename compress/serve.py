@@ -59,14 +59,29 @@ class Batcher:
             self.batches.append(len(flat))
             try:
                 results = await loop.run_in_executor(self.worker, self.fn, flat)
-            except Exception as e:  # the callers get the error; the server goes on
-                for _, fut in calls:
-                    fut.set_exception(e)
+            except Exception:  # one bad call must not fail the others: each runs alone, and only its caller sees
+                for items, fut in calls:
+                    try:
+                        done = await loop.run_in_executor(self.worker, self.fn, items)
+                    except Exception as e:
+                        _settle(fut, error=e)
+                    else:
+                        _settle(fut, done)
                 continue
             start = 0
             for items, fut in calls:
-                fut.set_result(results[start: start + len(items)])
+                _settle(fut, results[start: start + len(items)])
                 start += len(items)
+
+
+def _settle(fut: asyncio.Future, result=None, error: Exception | None = None) -> None:
+    """Answer a caller, unless it went away (a cancelled request: its future is done already)."""
+    if fut.done():
+        return
+    if error is not None:
+        fut.set_exception(error)
+    else:
+        fut.set_result(result)
 
 
 # --------------------------------------------------------------------------- request bodies
@@ -164,6 +179,8 @@ def create_app(folder: Path, threads: int | None = None, max_batch: int = 16, wa
             raise HTTPException(400, f"choices: {len(req.choices)} lists for {len(texts)} inputs; give one per input")
         if predictor.task["kind"] == "choices" and req.choices is None:
             raise HTTPException(400, "this task's examples carry their own choices: send choices=[[...], ...]")
+        if any(not t.strip() for t in texts) or any(c is not None and not c for c in req.choices or []):
+            raise HTTPException(400, "every input needs some text, and every choices list at least one choice")
         data = await batchers["classify"](list(zip(texts, req.choices or [None] * len(texts))))
         return {"object": "list", "model": name, "data": data}
 
@@ -171,6 +188,8 @@ def create_app(folder: Path, threads: int | None = None, max_batch: int = 16, wa
     async def completions(req: CompletionRequest) -> dict:
         _refuse_unsupported(req)
         prompts = [req.prompt] if isinstance(req.prompt, str) else req.prompt
+        if not prompts or any(not p for p in prompts):
+            raise HTTPException(400, "prompt: give a non-empty string (or a list of them)")
         outs = await batchers["complete"]([(p, req.max_tokens, _stops(req.stop), True) for p in prompts])
         return {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
                 "model": name, "choices": [{"index": i, "text": o["text"], "logprobs": None,
@@ -180,7 +199,12 @@ def create_app(folder: Path, threads: int | None = None, max_batch: int = 16, wa
     @app.post("/v1/chat/completions")
     async def chat_completions(req: ChatRequest) -> dict:
         _refuse_unsupported(req)
-        prompt, templated = chat([m.model_dump() for m in req.messages])
+        if not req.messages:
+            raise HTTPException(400, "messages: give at least one message")
+        try:
+            prompt, templated = chat([m.model_dump() for m in req.messages])
+        except Exception as e:  # the model's chat template refuses these messages (roles, order, system turn)
+            raise HTTPException(400, f"the model's chat template refused these messages: {e}") from None
         limit = req.max_completion_tokens or req.max_tokens or predictor.task["generation"]["max_new_tokens"]
         [o] = await batchers["complete"]([(prompt, limit, _stops(req.stop), not templated)])
         return {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),

@@ -20,7 +20,8 @@ from compress import training
 from compress.console import progress
 from compress.data import ANSWER_END, Example, Splits
 from compress.errors import CompressError, Problem
-from compress.evaluate import build_prompt, generate_greedy, score_accuracy, torch_generate_fn, torch_logits_fn
+from compress.evaluate import (build_prompt, eos_ids, generate_greedy, score_accuracy, torch_generate_fn,
+                               torch_logits_fn)
 from students import losses
 
 DIVERGENCES = {"forward_kl": losses.forward_kl, "reverse_kl": losses.reverse_kl, "jsd": losses.generalized_jsd}
@@ -163,7 +164,7 @@ def teacher_answers(teacher, tok, examples: list[Example], splits, cfg) -> list[
     if splits.generative:
         chat = bool(cfg.data.use_chat_template and getattr(tok, "chat_template", None))
         prompts = [build_prompt(tok, e.text, cfg.data) for e in examples]
-        answers = generate_greedy(torch_generate_fn(teacher, tok.pad_token_id, tok.eos_token_id), tok, prompts, chat, cfg.distill.pseudo_max_new_tokens,
+        answers = generate_greedy(torch_generate_fn(teacher, tok.pad_token_id, eos_ids(tok, teacher.generation_config)), tok, prompts, chat, cfg.distill.pseudo_max_new_tokens,
                                   cfg.eval.batch_size, "teacher: pseudo-labels (answers)")
         return [a + ANSWER_END for a in answers]
     if splits.labelled:
@@ -187,7 +188,7 @@ def generate(teacher, tok, texts: list[str], max_new_tokens: int) -> list[str]:
             enc = tok(texts[i: i + 8], return_tensors="pt", padding=True).to(device)
             enc.pop("token_type_ids", None)  # some tokenizers return it; generate() of a causal LM rejects it
             gen = teacher.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
-                                   pad_token_id=tok.pad_token_id)
+                                   pad_token_id=tok.pad_token_id, use_model_defaults=False)
             answers += tok.batch_decode(gen[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
             bar.advance(task, len(texts[i: i + 8]))
     tok.padding_side = "right"

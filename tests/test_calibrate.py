@@ -65,3 +65,29 @@ def test_a_record_reports_the_settings_it_was_measured_with(tiny_cfg, monkeypatc
     off = OmegaConf.merge(cfg, {"eval": {"calibrate": False, "threads": 1}})
     measured = evaluate_folder(folder, off.teacher, "teacher", splits, off)
     assert (measured["threads"], measured["dtype"]) == (1, "float32")
+
+
+def test_softcapped_attention_is_only_timed_eager():
+    cfg = _cfg()
+    assert {c["attn_implementation"] for c in calibrate.candidates(cfg.eval, cfg.teacher, 2, softcapped=True)} == \
+        {"eager"}
+
+
+def test_another_dtype_is_timed_on_a_copy(tiny_teacher, monkeypatch, tmp_path):
+    """bf16 candidates never round the fp32 weights of the model that is then measured."""
+    monkeypatch.setenv("COMPRESS_CACHE", str(tmp_path))
+    folder, model, _ = tiny_teacher
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    cfg = _cfg("eval.cpu_dtypes=[float32,bfloat16]", "eval.calibration_tokens=16")
+    threads = torch.get_num_threads()
+    try:
+        choice = calibrate.calibrate(model, folder, cfg.teacher, cfg.eval, "fp-copy")
+        assert len(choice["timings"]) == 2 * len(calibrate.thread_candidates(calibrate.TORCH_THREADS)) * 2
+        if choice["dtype"] == "float32":
+            assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+        else:
+            assert next(model.parameters()).dtype == torch.bfloat16
+    finally:
+        model.to(torch.float32).load_state_dict(before)
+        torch.set_num_threads(threads)
+        model.set_attn_implementation("sdpa")

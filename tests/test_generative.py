@@ -129,3 +129,21 @@ def test_a_misspelled_target_or_group_field_exits_2(tmp_path):
                "data.eval_size=5", "eval=quick", "pipeline=evaluate", f"run.root={tmp_path}", "run.name=B")
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "data.group_field='docid'" in proc.stderr and "its fields are: q, a" in proc.stderr
+
+
+def test_eos_ids_include_the_generation_configs_end_of_turn(tiny_teacher):
+    from transformers import GenerationConfig
+
+    from compress.evaluate import eos_ids
+
+    _, _, tok = tiny_teacher
+    assert eos_ids(tok) == [tok.eos_token_id]
+    assert eos_ids(tok, GenerationConfig(eos_token_id=[tok.eos_token_id, 107])) == [tok.eos_token_id, 107]
+    assert eos_ids(tok, GenerationConfig(eos_token_id=5)) == [tok.eos_token_id, 5]
+
+
+def test_a_question_whose_answer_the_cut_removed_is_dropped():
+    from compress.data import _answers_in
+
+    context = "Warsaw lies on the  Vistula"[:30]
+    assert _answers_in(" ".join(context.split()), ["the  Vistula", "Krakow", " ", "Warsaw"]) == ("the Vistula", "Warsaw")

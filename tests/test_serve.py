@@ -113,3 +113,32 @@ def test_serve_load_benchmark_reports_throughput_and_latency(folder, tmp_path):
     rows = json.loads(out.read_text())["rows"]
     assert [r["clients"] for r in rows] == [1, 4] and all(r["requests"] == 8 for r in rows)
     assert all(0 < r["p50_ms"] <= r["p99_ms"] and r["requests_per_s"] > 0 for r in rows)
+
+
+def test_one_failing_call_does_not_fail_the_batch_it_shares():
+    """A batch that raises is rerun call by call: only the bad call's caller gets the error."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from compress.serve import Batcher
+
+    def fn(items):
+        if "bad" in items:
+            raise ValueError("bad input")
+        return [i.upper() for i in items]
+
+    async def go():
+        batcher = Batcher(fn, ThreadPoolExecutor(1), max_batch=8, wait_s=0.05)
+        task = asyncio.create_task(batcher.run())
+        got = await asyncio.gather(batcher(["a"]), batcher(["bad"]), batcher(["b", "c"]), return_exceptions=True)
+        task.cancel()
+        return got, batcher.batches
+
+    (a, bad, bc), batches = asyncio.run(go())
+    assert a == ["A"] and bc == ["B", "C"] and isinstance(bad, ValueError) and batches == [4]
+
+
+def test_empty_inputs_are_refused(server):
+    url, _ = server
+    assert httpx.post(f"{url}/v1/completions", json={"prompt": ""}).status_code == 400
+    assert httpx.post(f"{url}/v1/classify", json={"input": [" "]}).status_code == 400
+    assert httpx.post(f"{url}/v1/chat/completions", json={"messages": []}).status_code == 400

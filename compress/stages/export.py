@@ -29,13 +29,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from rich.markup import escape
 
 from compress import ort, runtime
 from compress.artifact import Artifact, write_json
 from compress.console import say
 from compress.data import load_splits
 from compress.errors import CompressError, Problem, raise_if
-from compress.evaluate import (pad, build_prompt, count_params, evaluate_fns, latency_prompt, measure_latency,
+from compress.evaluate import (build_prompt, count_params, eos_ids, evaluate_fns, latency_prompt, measure_latency, pad,
                                peak_memory, perplexity_blocks, torch_logits_fn, weights_size_mb)
 from compress.measure import carry
 from compress.records import Record, ratio
@@ -133,7 +134,7 @@ def measure(cfg, src: Artifact, out: Path, model, tok, parity: dict, threads: in
                                  decode_vs_torch=ratio(measured.get("decode_tok_s"), torch_latency.get("decode_tok_s")),
                                  parity_top1=parity[variant]["top1"],
                                  parity_max_abs_diff=parity[variant]["max_abs_diff"]).to_dict())
-    if cfg.report.baselines and (out / BASELINES["fp32"]).is_dir():
+    if cfg.report.baselines and "teacher-fp32" in parity and (out / BASELINES["fp32"]).is_dir():
         records += measure_baselines(cfg, src, out, splits, parity, threads)
     write_json(out / "predictions.json", predictions)
     return {"records": records, "torch_fp32_latency": torch_latency, "threads": threads,
@@ -311,7 +312,7 @@ def evaluate_onnx(folder: Path, tok, splits, cfg, reference, name: str, threads:
     with peak_memory(torch.device("cpu")) as mem:
         lm = ort.OnnxLM.open(folder, threads, cfg.export.graph_optimization)
         record = evaluate_fns(ort.logits_fn(lm), partial(ort.measure_latency, lm), tok, splits, cfg.data, cfg.eval, reference, name,
-                              ort.generate_fn(lm, tok.eos_token_id))
+                              ort.generate_fn(lm, eos_ids(tok, model_eos(folder))))
         del lm
     record.update(peak_mem_mb=mem["peak_mem_mb"], size_mb=weights_size_mb(folder), eval_s=time.perf_counter() - t0)
     return record
@@ -331,14 +332,22 @@ def task_specs(cfg, src: Artifact, splits) -> tuple[dict[str, dict], dict[str, P
     folder each was exported from. Keyed by role."""
     student, teacher = Path(src.student()["path"]), src.teacher()
     tasks = {"student": task_spec(loading.load_tokenizer(student, _cpu(cfg.student), "student"), splits, cfg,
-                                  cfg.student.name)}
+                                  cfg.student.name, model_eos(student))}
     if cfg.report.baselines:
         tok = loading.load_tokenizer(Path(teacher["path"]), cfg.teacher, "teacher")
-        tasks["teacher"] = task_spec(tok, splits, cfg, teacher.get("name") or cfg.teacher.name)
+        tasks["teacher"] = task_spec(tok, splits, cfg, teacher.get("name") or cfg.teacher.name,
+                                     model_eos(Path(teacher["path"])))
     return tasks, {"student": student, "teacher": Path(teacher["path"])}
 
 
-def task_spec(tok, splits, cfg, model: str) -> dict:
+def model_eos(folder: Path):
+    """The folder's generation config (its end-of-turn tokens), when it has one."""
+    from transformers import GenerationConfig
+
+    return GenerationConfig.from_pretrained(folder) if (folder / "generation_config.json").is_file() else None
+
+
+def task_spec(tok, splits, cfg, model: str, generation_config=None) -> dict:
     """task.json: everything compress.runtime needs to score as compress.evaluate does, without transformers.
 
     The prompt is rendered once with a sentinel for the text (build_prompt: instruction, chat template, answer
@@ -361,7 +370,8 @@ def task_spec(tok, splits, cfg, model: str) -> dict:
             "use_chat_template": chat, "instruction": d.instruction, "answer_prefix": d.answer_prefix,
             "max_chars": None if d.format == "squad" else d.max_chars,  # SQuAD cuts the passage, not the question
             "verbalizers": dict(splits.verbalizers),
-            "generation": {"max_new_tokens": cfg.eval.max_new_tokens, "stop": ["\n"], "eos_token_id": tok.eos_token_id},
+            "generation": {"max_new_tokens": cfg.eval.max_new_tokens, "stop": ["\n"], "eos_token_id": tok.eos_token_id,
+                           "eos_token_ids": eos_ids(tok, generation_config)},
             "batch_size": cfg.eval.batch_size, "pad_token_id": tok.pad_token_id,
             "clean_up_tokenization_spaces": bool(getattr(tok, "clean_up_tokenization_spaces", False)),
             "graph_optimization": cfg.export.graph_optimization}
@@ -494,7 +504,21 @@ BASELINES = {"fp32": "teacher-onnx", "int8": "teacher-onnx-int8"}
 
 def export_baselines(cfg, src: Artifact, out: Path, splits, threads: int) -> dict:
     """The reference teacher exported like the student (ONNX fp32, checked against PyTorch, and int8);
-    returns their parity figures, keyed `teacher-fp32` and `teacher-int8`."""
+    returns their parity figures, keyed `teacher-fp32` and `teacher-int8`. A baseline that cannot be made
+    (an architecture optimum cannot export, a parity failure, too little memory) is skipped with a warning:
+    the student's forms, the stage's real output, are measured either way."""
+    try:
+        return _export_baselines(cfg, src, out, splits, threads)
+    except (Exception, MemoryError) as e:
+        for folder in BASELINES.values():
+            shutil.rmtree(out / folder, ignore_errors=True)
+        reason = e.render() if isinstance(e, CompressError) else f"{type(e).__name__}: {str(e)[:300]}"
+        say(f"  [yellow]baseline skipped[/]: the reference teacher could not be exported to ONNX ({escape(reason)}); "
+            "set report.baselines=false to skip it without this warning")
+        return {}
+
+
+def _export_baselines(cfg, src: Artifact, out: Path, splits, threads: int) -> dict:
     t_dir = Path(src.teacher()["path"])
     say(f"  baseline: the reference teacher {src.teacher().get('name', '')} to ONNX fp32 and int8 ({t_dir})")
     export_onnx(t_dir, out / BASELINES["fp32"])
