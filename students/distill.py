@@ -164,7 +164,8 @@ def teacher_answers(teacher, tok, examples: list[Example], splits, cfg) -> list[
     if splits.generative:
         chat = bool(cfg.data.use_chat_template and getattr(tok, "chat_template", None))
         prompts = [build_prompt(tok, e.text, cfg.data) for e in examples]
-        answers = generate_greedy(torch_generate_fn(teacher, tok.pad_token_id, eos_ids(tok, teacher.generation_config)), tok, prompts, chat, cfg.distill.pseudo_max_new_tokens,
+        generate = torch_generate_fn(teacher, tok.pad_token_id, eos_ids(tok, teacher.generation_config))
+        answers = generate_greedy(generate, tok, prompts, chat, cfg.distill.pseudo_max_new_tokens,
                                   cfg.eval.batch_size, "teacher: pseudo-labels (answers)")
         return [a + ANSWER_END for a in answers]
     if splits.labelled:

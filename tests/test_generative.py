@@ -56,8 +56,8 @@ def test_greedy_generation_matches_a_reference_loop(tiny_teacher, kind):
 
     _, model, tok = tiny_teacher
     prompts = ["Question: who?", "A much longer prompt about the Broncos and the Panthers, question: when?"]
-    gen = (torch_generate_fn(model, tok.pad_token_id, tok.eos_token_id) if kind == "kv-cache" else
-           logits_generate_fn(torch_logits_fn(model), tok.pad_token_id, tok.eos_token_id))
+    gen = (torch_generate_fn(model, tok.pad_token_id, [tok.eos_token_id]) if kind == "kv-cache" else
+           logits_generate_fn(torch_logits_fn(model), tok.pad_token_id, [tok.eos_token_id]))
     got = generate_greedy(gen, tok, prompts, chat=False, max_new_tokens=5, batch_size=2)
     m64 = model.to(torch.float64)
     try:
