@@ -43,6 +43,9 @@ def qwen_random(tmp: Path) -> Path:
 
     torch.manual_seed(0)
     AutoModelForCausalLM.from_config(AutoConfig.for_model("qwen2", **QWEN_05B)).save_pretrained(tmp)
+    from teachers.loading import byte_tokenizer
+
+    byte_tokenizer().save_pretrained(tmp)  # loading wants one; timing feeds token ids directly
     return tmp
 
 
