@@ -202,11 +202,13 @@ def cmd_predict(args) -> int:
 def cmd_serve(args) -> int:
     from compress import serve  # noqa: F401  (fastapi, uvicorn)
 
-    if not 0 < args.port < 65536:
-        raise CompressError(Problem("--port", args.port, "a TCP port in 1-65535, e.g. 8000"))
-    if args.max_batch < 1 or args.wait_ms < 0:
-        raise CompressError(Problem("--max-batch/--wait-ms", f"{args.max_batch}/{args.wait_ms}",
-                                    "max-batch >= 1 and wait-ms >= 0"))
+    problems = [Problem(key, value, fix) for key, value, bad, fix in (
+        ("--port", args.port, not 0 < args.port < 65536, "a TCP port in 1-65535, e.g. 8000"),
+        ("--max-batch", args.max_batch, args.max_batch < 1, "must be >= 1, e.g. 16"),
+        ("--wait-ms", args.wait_ms, args.wait_ms < 0, "must be >= 0, e.g. 5"),
+        ("--threads", args.threads, args.threads is not None and args.threads < 1, "must be >= 1, or unset")) if bad]
+    if problems:
+        raise CompressError(problems)
     from compress import runtime
 
     folder = _exported_folder(args.folder)

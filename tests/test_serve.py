@@ -142,3 +142,10 @@ def test_empty_inputs_are_refused(server):
     assert httpx.post(f"{url}/v1/completions", json={"prompt": ""}).status_code == 400
     assert httpx.post(f"{url}/v1/classify", json={"input": [" "]}).status_code == 400
     assert httpx.post(f"{url}/v1/chat/completions", json={"messages": []}).status_code == 400
+
+
+def test_bad_serve_options_exit_2_all_named(folder):
+    proc = cli("serve", str(folder), "--port", "0", "--max-batch", "0", "--wait-ms", "-1", "--threads", "0")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    for key in ("--port=0", "--max-batch=0", "--wait-ms=-1.0", "--threads=0"):
+        assert key in proc.stderr, key
