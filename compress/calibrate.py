@@ -17,13 +17,12 @@ import copy
 import json
 import os
 import platform
-import statistics
-import time
 from pathlib import Path
 
 import torch
 
 from compress.errors import CompressError, Problem
+from compress.evaluate import measure_latency
 from compress.hub import cache_root, text_hash
 
 ATTENTION = ("sdpa", "eager")
@@ -65,24 +64,14 @@ def apply(model, choice: dict) -> None:
     model.to(getattr(torch, choice["dtype"]))
 
 
-@torch.inference_mode()
 def time_forward(model, tokens: int, decode: int, runs: int) -> float:
-    """Seconds of a `tokens`-long prefill plus `decode` cached greedy steps (batch 1): the median of
-    `runs`, after one untimed run. Both matter: scoring is prefill-like, generation decode-like."""
+    """Seconds of a `tokens`-long prefill plus `decode` cached greedy steps (batch 1), from the medians of
+    `runs` after one untimed run (compress.evaluate.measure_latency, the record's own timing). Both matter:
+    scoring is prefill-like, generation decode-like."""
     vocab = model.config.vocab_size
-    ids = (torch.arange(tokens) * 7919 % (vocab - 1) + 1)[None]  # (1, T): fixed, spread over the vocabulary
-
-    def once() -> float:
-        t0 = time.perf_counter()
-        out = model(input_ids=ids, use_cache=True)
-        past, token = out.past_key_values, out.logits[:, -1:].argmax(-1)  # (1, 1)
-        for _ in range(decode):
-            out = model(input_ids=token, past_key_values=past, use_cache=True)
-            past, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
-        return time.perf_counter() - t0
-
-    once()
-    return statistics.median(once() for _ in range(runs))
+    ids = [(i * 7919) % (vocab - 1) + 1 for i in range(tokens)]  # fixed, spread over the vocabulary
+    timed = measure_latency(model, ids, decode, 1, runs)
+    return timed["prefill_ms"] / 1000 + decode / timed["decode_tok_s"]
 
 
 def calibrate(model, folder: Path, model_cfg, eval_cfg, fingerprint: str, cache: Path | None = None) -> dict:
