@@ -164,8 +164,8 @@ def teacher_answers(teacher, tok, examples: list[Example], splits, cfg) -> list[
     if splits.generative:
         chat = bool(cfg.data.use_chat_template and getattr(tok, "chat_template", None))
         prompts = [build_prompt(tok, e.text, cfg.data) for e in examples]
-        generate = torch_generate_fn(teacher, tok.pad_token_id, eos_ids(tok, teacher.generation_config))
-        answers = generate_greedy(generate, tok, prompts, chat, cfg.distill.pseudo_max_new_tokens,
+        gen_fn = torch_generate_fn(teacher, tok.pad_token_id, eos_ids(tok, teacher.generation_config))
+        answers = generate_greedy(gen_fn, tok, prompts, chat, cfg.distill.pseudo_max_new_tokens,
                                   cfg.eval.batch_size, "teacher: pseudo-labels (answers)")
         return [a + ANSWER_END for a in answers]
     if splits.labelled:
@@ -175,11 +175,11 @@ def teacher_answers(teacher, tok, examples: list[Example], splits, cfg) -> list[
         preds = score_accuracy(torch_logits_fn(teacher), tok, unl, cfg.data, cfg.eval.batch_size,
                                "teacher: pseudo-labels")["predictions"]
         return [splits.continuations(e)[p] for e, p in zip(examples, preds)]
-    return generate(teacher, tok, [e.text for e in examples], cfg.distill.pseudo_max_new_tokens)
+    return continue_greedy(teacher, tok, [e.text for e in examples], cfg.distill.pseudo_max_new_tokens)
 
 
 @torch.inference_mode()
-def generate(teacher, tok, texts: list[str], max_new_tokens: int) -> list[str]:
+def continue_greedy(teacher, tok, texts: list[str], max_new_tokens: int) -> list[str]:
     """Greedy continuations, left-padded batches of 8."""
     device = next(teacher.parameters()).device
     tok.padding_side, answers = "left", []
