@@ -296,6 +296,13 @@ class DistillConfig(OptimConfig):
     """If K > 0, compute the teacher's top-K log-probs once into the artifact and train from them."""
     pseudo_max_new_tokens: int = 32
     """Token limit of the teacher's greedy pseudo-label for tasks without verbalizers (data=text)."""
+    on_policy_ratio: float = 0.0
+    """Fraction of training batches, in [0, 1], on which the student writes each answer itself (sampled at
+    `on_policy_temperature`, as many tokens as the teacher's answer) and the soft term is the divergence to
+    the teacher on those tokens; the label terms skip these batches (GKD, Agarwal et al. 2024). For a
+    one-token label the student's answer is its own distribution over the first answer token. 0 = off."""
+    on_policy_temperature: float = 1.0
+    """Sampling temperature of the student's on-policy answers (> 0)."""
 
 
 @dataclass

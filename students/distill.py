@@ -2,6 +2,8 @@
 
 loss = soft_weight * KD_T(student, teacher) + pseudo_weight * CE(teacher's answers)
      + hard_weight * CE(gold answers)
+and, on the `on_policy_ratio` of the steps where the student writes the answers itself (GKD),
+loss = soft_weight * D(student, teacher) on the student's tokens (+ the hidden-state term).
 
 The teacher is frozen and in eval mode, and is not a submodule of the LightningModule:
 it gets no gradients, no optimizer state and no place in checkpoints. Its logits come on
@@ -30,9 +32,12 @@ DIVERGENCES = {"forward_kl": losses.forward_kl, "reverse_kl": losses.reverse_kl,
 class DistillModule(L.LightningModule):
     """Trains `student` to match a frozen `teacher` (or its cached top-K log-probs)."""
 
-    def __init__(self, student, teacher, dcfg, topk: dict | None = None):
+    def __init__(self, student, teacher, dcfg, topk: dict | None = None, pad_id: int = 0,
+                 eos: list[int] | None = None):
         super().__init__()
         self.student, self.dcfg, self.topk = student, dcfg, topk
+        self.pad_id, self.eos = pad_id, list(eos or [])
+        """Padding of the student's on-policy answers, and the tokens that end one."""
         self.layer_map = layer_map(student.config, teacher.config, dcfg.hidden_weight) if teacher is not None else []
         """Teacher hidden-state index paired with each student layer's output (hidden_weight > 0)."""
         self.__dict__["teacher"] = teacher  # plain attribute, not a submodule
@@ -64,15 +69,61 @@ class DistillModule(L.LightningModule):
         t_out = self._teacher(batch, d.hidden_weight > 0) if reads_teacher else None  # pseudo/hard only: no teacher
         if d.soft_weight > 0:
             out["soft"] = self._soft(batch, rows, logits, t_out)
+        if batch.get("on_policy"):  # the student's own answers: nothing to imitate, only the teacher's judgement
+            return {"soft": out["soft"], **({"hidden": self._hidden(s_out, t_out, attn)} if d.hidden_weight > 0 else {})}
         if d.pseudo_weight > 0:
             out["pseudo"] = losses.cross_entropy(logits, target, on & (kind == 1))
         if d.hard_weight > 0:
             out["hard"] = losses.cross_entropy(logits, target, on & (kind == 0))
         if d.hidden_weight > 0:
-            mask = attn.bool().clone()  # (B, T)
-            mask[:, 0] = False  # the first position holds the attention sink's outsized activations
-            out["hidden"] = losses.hidden_cosine([s_out.hidden_states[j + 1] for j in range(len(self.layer_map))],
-                                                 [t_out.hidden_states[i] for i in self.layer_map], mask)
+            out["hidden"] = self._hidden(s_out, t_out, attn)
+        return out
+
+    def _hidden(self, s_out, t_out, attn: torch.Tensor) -> torch.Tensor:
+        mask = attn.bool().clone()  # (B, T)
+        mask[:, 0] = False  # the first position holds the attention sink's outsized activations
+        return losses.hidden_cosine([s_out.hidden_states[j + 1] for j in range(len(self.layer_map))],
+                                    [t_out.hidden_states[i] for i in self.layer_map], mask)
+
+    def on_policy(self, step: int) -> bool:
+        """Whether optimizer step `step` trains on the student's own answers: `on_policy_ratio` of the
+        steps, spread evenly (ratio 0.25: steps 3, 7, 11, ...)."""
+        r = getattr(self.dcfg, "on_policy_ratio", 0.0)  # prune's recovery reuses these settings
+        return r > 0 and int((step + 1) * r) > int(step * r)
+
+    @torch.no_grad()
+    def student_answers(self, batch) -> dict:
+        """The batch with every answer replaced by one the student samples from the same prompt, at most as
+        many tokens as the answer it replaces, ended by an EOS token. Right-padded as `training.collate`
+        pads; `answer_mask` marks the sampled tokens."""
+        ids, answer = batch["input_ids"], batch["answer_mask"]  # (B, T)
+        starts, lengths = answer.int().argmax(1).tolist(), answer.sum(1).tolist()  # (B,) each
+        width = max(starts)
+        prompts = torch.full((len(starts), width), self.pad_id, dtype=ids.dtype, device=ids.device)  # (B, P)
+        p_mask = torch.zeros_like(prompts)
+        for i, s in enumerate(starts):  # left-padded for generation
+            prompts[i, width - s:], p_mask[i, width - s:] = ids[i, :s], 1
+        was_training = self.student.training
+        self.student.eval()
+        gen = self.student.generate(input_ids=prompts, attention_mask=p_mask, max_new_tokens=max(lengths),
+                                    do_sample=True, temperature=self.dcfg.on_policy_temperature, top_k=0, top_p=1.0,
+                                    pad_token_id=self.pad_id, eos_token_id=self.eos or None, use_cache=True,
+                                    use_model_defaults=False)[:, width:]  # (B, N)
+        self.student.train(was_training)
+        rows = []
+        for i, (s, n) in enumerate(zip(starts, lengths)):
+            new = gen[i, :n].tolist()
+            ends = [j for j, t in enumerate(new) if t in self.eos]
+            rows.append((ids[i, :s], new[: ends[0] + 1] if ends else new))
+        T = max(s + len(new) for s, (_, new) in zip(starts, rows))
+        out = {"input_ids": torch.full((len(rows), T), self.pad_id, dtype=ids.dtype, device=ids.device),
+               "attention_mask": torch.zeros((len(rows), T), dtype=batch["attention_mask"].dtype, device=ids.device),
+               "answer_mask": torch.zeros((len(rows), T), dtype=torch.bool, device=ids.device),
+               "kind": torch.ones(len(rows), dtype=batch["kind"].dtype, device=ids.device), "on_policy": True}
+        for i, (prompt, new) in enumerate(rows):
+            s, n = len(prompt), len(new)
+            out["input_ids"][i, :s], out["input_ids"][i, s:s + n] = prompt, torch.tensor(new, dtype=ids.dtype)
+            out["attention_mask"][i, :s + n], out["answer_mask"][i, s:s + n] = 1, True
         return out
 
     @torch.no_grad()
@@ -96,13 +147,14 @@ class DistillModule(L.LightningModule):
         return DIVERGENCES[d.divergence](logits[..., :v], t_logits[..., :v], ones, temperature=d.temperature, **extra)
 
     def training_step(self, batch, _):
-        parts = self.losses(batch)
+        on_policy = self.on_policy(self.global_step)
+        parts = self.losses(self.student_answers(batch) if on_policy else batch)
         d = self.dcfg
         weights = {"soft": d.soft_weight, "pseudo": d.pseudo_weight, "hard": d.hard_weight,
                    "hidden": d.hidden_weight}
         total = sum(weights[k] * v for k, v in parts.items())
         for k, v in parts.items():
-            self.log(f"train/{k}", v)
+            self.log(f"train/{k}_on_policy" if on_policy else f"train/{k}", v)
         self.log("train/loss", total, prog_bar=True)
         return total
 

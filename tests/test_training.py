@@ -297,3 +297,47 @@ def test_auto_precision_is_bf16_for_distillation_only_on_a_bf16_cpu(monkeypatch)
     tcfg.precision = "32-true"
     monkeypatch.setattr(training, "cpu_has_bf16", lambda: True)
     assert training.precision(tcfg, cpu_bf16=True) == "32-true"  # an explicit setting wins
+
+
+def test_on_policy_steps_are_spread_evenly(tiny_teacher):
+    module, *_ = _module_batch(tiny_teacher, ["distill.on_policy_ratio=0.25"])
+    assert [s for s in range(12) if module.on_policy(s)] == [3, 7, 11]
+    off, *_ = _module_batch(tiny_teacher, [])
+    assert not any(off.on_policy(s) for s in range(50))
+
+
+def test_student_answers_keep_the_prompt_and_the_teacher_scores_them(tiny_teacher):
+    """On-policy: each prompt kept as it was, the answer replaced by the student's sample of at most the same
+    length; the step's loss is the soft term (and hidden states) only, with gradients for the student."""
+    from compress import training
+
+    module, student, teacher, _ = _module_batch(tiny_teacher, ["distill.on_policy_ratio=1",
+                                                               "distill.hidden_weight=1"])
+    tok = tiny_teacher[2]
+    texts = ["good", "a much longer review, with commas and more words in it", "meh", "fine, I guess"]
+    answers = [" positive", " negative, clearly and at length", " x", " positive\n"]
+    cfg = load_config(TINY)
+    batch = training.collate(tok.pad_token_id)(training.encode_examples(tok, cfg.data, texts, answers, 256, [1] * 4))
+    module.pad_id, module.eos = tok.pad_token_id, [tok.eos_token_id]
+    torch.manual_seed(0)
+    new = module.student_answers(batch)
+    assert new["on_policy"] and new["input_ids"].shape[0] == 4
+    for i in range(4):
+        start = int(batch["answer_mask"][i].int().argmax())
+        assert torch.equal(new["input_ids"][i, :start], batch["input_ids"][i, :start])  # the prompt, untouched
+        n_new = int(new["answer_mask"][i].sum())
+        assert 1 <= n_new <= int(batch["answer_mask"][i].sum())
+        assert int(new["attention_mask"][i].sum()) == start + n_new
+        assert new["answer_mask"][i, start:start + n_new].all()
+    parts = module.losses(new)
+    assert set(parts) == {"soft", "hidden"} and all(torch.isfinite(v) for v in parts.values())
+    sum(parts.values()).backward()
+    assert all(p.grad is None for p in teacher.parameters())
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in student.parameters())
+
+
+def test_on_policy_distillation_trains_and_logs_its_own_term(tmp_path):
+    proc = cli("run", *QUICK, "pipeline=full", "distill.on_policy_ratio=0.5", f"run.root={tmp_path}", "run.name=P")
+    assert proc.returncode == 0, proc.stderr
+    header = (tmp_path / "P" / "02_distill" / "logs" / "metrics.csv").read_text().splitlines()[0]
+    assert "train/soft_on_policy" in header and "train/pseudo" in header and "train/pseudo_on_policy" not in header

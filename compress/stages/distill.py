@@ -23,6 +23,7 @@ from compress.artifact import Artifact
 from compress.console import say
 from compress.data import load_splits
 from compress.errors import CompressError, Problem
+from compress.evaluate import eos_ids
 from compress.hub import text_hash
 from compress.measure import carry, measure_student
 from compress.validate import schedule_problems
@@ -55,6 +56,18 @@ def check(cfg) -> list[Problem]:
         problems.append(Problem("distill.jsd_beta", d.jsd_beta, "must be in (0, 1)"))
     if d.soft_on not in ("all", "answer"):
         problems.append(Problem("distill.soft_on", d.soft_on, "choose all or answer"))
+    if not 0 <= d.on_policy_ratio <= 1:
+        problems.append(Problem("distill.on_policy_ratio", d.on_policy_ratio, "must be in [0, 1] (the fraction of "
+                                "batches the student answers itself; 0 = off)"))
+    elif d.on_policy_ratio > 0 and d.soft_weight <= 0:
+        problems.append(Problem("distill.on_policy_ratio", d.on_policy_ratio, "on-policy batches train the soft "
+                                "term only, and distill.soft_weight is 0; set soft_weight > 0 or on_policy_ratio=0"))
+    elif d.on_policy_ratio > 0 and d.topk_cache > 0:
+        problems.append(Problem("distill.on_policy_ratio", d.on_policy_ratio, "the teacher must score the "
+                                "student's own answers on the fly; set distill.topk_cache=0 or on_policy_ratio=0"))
+    if not d.on_policy_temperature > 0:
+        problems.append(Problem("distill.on_policy_temperature", d.on_policy_temperature, "must be > 0 (1 samples "
+                                "the student's plain distribution)"))
     if d.topk_cache < 0:
         problems.append(Problem("distill.topk_cache", d.topk_cache, "must be >= 0 (0 = teacher on the fly)"))
     elif d.topk_cache > 0 and d.divergence != "forward_kl":
@@ -133,7 +146,8 @@ def train(cfg, d, teacher_dir: Path, student_dir: Path, splits, out: Path) -> di
     student.config.use_cache = False
     if d.freeze_embeddings:
         student.get_input_embeddings().weight.requires_grad_(False)
-    module = distill.DistillModule(student.train(), teacher, d, topk)
+    module = distill.DistillModule(student.train(), teacher, d, topk, s_tok.pad_token_id,
+                                   eos_ids(s_tok, student.generation_config))
     # bf16 autocast on a CPU with AMX / AVX512-BF16: 1.7x faster steps, same accuracy (README, measured)
     trainer = training.make_trainer(cfg.trainer, d, out, has_val=n_val > 0, cpu_bf16=True)
     n_all = sum(p.numel() for p in student.parameters()) / 1e6
