@@ -88,3 +88,22 @@ def test_squad_calibration_and_soft_on_benchmarks_on_tiny_models(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = json.loads(out.read_text())["rows"]
     assert set(rows) == {"answer", "all"} and all(r["perplexity_ratio"] > 0 for r in rows.values())
+
+
+def test_kd_vs_sft_writes_scores_per_task_variant_and_seed_and_keeps_finished_runs(tmp_path):
+    out = tmp_path / "kd_vs_sft.json"
+    args = ["teacher=tiny-random", "student=tiny-random", "finetune=quick", "distill=quick", "eval=quick",
+            "eval.max_new_tokens=3", "data.eval_size=6", "data.train_size=16", "data.unlabeled_size=16",
+            "--out", str(out), "--root", str(tmp_path), "--seeds", "1", "2", "--variants", "sft", "kd_on_policy"]
+    proc = _script("kd_vs_sft.py", *args, "--tasks", "rotten_tomatoes")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads(out.read_text())
+    rt = res["tasks"]["rotten_tomatoes"]
+    assert set(rt) == {"sft", "kd_on_policy"} and all(len(v["scores"]) == 2 and v["seeds"] == [1, 2] for v in rt.values())
+    assert all(v["stderr"] >= 0 and v["runs"][0]["metric"] == "accuracy" for v in rt.values())
+    assert "in SE" in proc.stdout
+    proc = _script("kd_vs_sft.py", *args, "--tasks", "squad", "--seeds", "1", "--variants", "sft")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads(out.read_text())
+    assert set(res["tasks"]) == {"rotten_tomatoes", "squad"}  # the first task's runs kept, not rerun
+    assert res["tasks"]["squad"]["sft"]["runs"][0]["metric"] == "f1"
