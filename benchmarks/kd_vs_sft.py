@@ -6,6 +6,7 @@ teacher per task, once per variant and seed:
   pseudo        the teacher's pseudo-labels only (the `unlabeled` split)
   kd            soft labels + pseudo-labels (the `unlabeled` split), plus the preset's hidden-state term
   kd_on_policy  kd, with half the steps on answers the student samples itself and the teacher scores (GKD)
+  kd_auto_layers  kd, the student's layers chosen by measured importance (`student.keep_layers=auto`)
 and prints each variant's score (accuracy, or F1 on a generative task) as mean +- standard error over the
 seeds, with its difference to sft in standard errors.
 
@@ -44,6 +45,8 @@ VARIANTS = {  # sft and pseudo read nothing of the teacher's but its answers: no
     "kd": {"distill.soft_weight": 1.0, "distill.pseudo_weight": 1.0, "distill.hard_weight": 0.0},
     "kd_on_policy": {"distill.soft_weight": 1.0, "distill.pseudo_weight": 1.0, "distill.hard_weight": 0.0,
                      "distill.on_policy_ratio": 0.5},
+    "kd_auto_layers": {"distill.soft_weight": 1.0, "distill.pseudo_weight": 1.0, "distill.hard_weight": 0.0,
+                       "student.keep_layers": "auto"},
 }
 """Loss settings of each variant; everything else (steps, batch, lr, hidden-state weight of `kd`) is the preset's."""
 METHODS = {"qlora": ["teacher.method=qlora"], "lora-bf16": ["teacher.method=lora", "teacher.dtype=bfloat16"],
@@ -190,7 +193,7 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("overrides", nargs="*")
     p.add_argument("--tasks", nargs="+", choices=list(TASKS), default=list(TASKS))
-    p.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
+    p.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=["sft", "pseudo", "kd", "kd_on_policy"])
     p.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3], help="run.seed of each student run")
     p.add_argument("--root", default="runs", help="run.root of the teacher runs")
     p.add_argument("--run-name", default="bench-kd_vs_sft",

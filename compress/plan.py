@@ -85,9 +85,9 @@ class Shape:
 def shape(mcfg, role: str, teacher: Shape | None = None) -> Shape:
     """The architecture of a model config, without downloading anything."""
     if role == "student" and mcfg.from_teacher and not mcfg.path and teacher is not None:
-        from students.build import kept_layers
+        from students.build import n_kept
 
-        return Shape(**{**teacher.__dict__, "layers": len(kept_layers(mcfg, teacher.layers))})
+        return Shape(**{**teacher.__dict__, "layers": n_kept(mcfg, teacher.layers)})
     if mcfg.path and (Path(mcfg.path).expanduser() / "config.json").is_file():
         return _from_config(json.loads((Path(mcfg.path).expanduser() / "config.json").read_text()))
     if mcfg.random is not None:

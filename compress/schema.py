@@ -8,7 +8,7 @@ right under it (the litgpt convention); `compress presets` and the README point 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional
+from typing import Any, Dict, List, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
@@ -122,10 +122,14 @@ class StudentConfig(ModelConfig):
 
     from_teacher: bool = False
     """Build the student from the teacher: embeddings, final norm, head and a subset of layers."""
-    keep_layers: Optional[List[int]] = None
-    """Teacher layer indices to keep (0-based); None keeps every `keep_every`-th layer."""
+    keep_layers: Any = None
+    """Teacher layer indices to keep (0-based); None keeps every `keep_every`-th layer; `auto` keeps as many
+    (ceil(layers / keep_every)), chosen by importance: the layers whose removal raises the teacher's LM loss
+    on `calibration_examples` training sequences the most (Minitron's depth pruning)."""
     keep_every: int = 3
     """With `keep_layers` unset, keep layers 0, k, 2k, ... (DistilBERT-style initialisation)."""
+    calibration_examples: int = 32
+    """With `keep_layers=auto`: training sequences (prompt and gold answer) the importance is measured on."""
 
 
 @dataclass

@@ -5,6 +5,7 @@ import re
 from pathlib import Path
 
 import torch
+from omegaconf import ListConfig
 
 from compress.errors import Problem, raise_if
 
@@ -54,6 +55,13 @@ def problems(cfg) -> list[Problem]:
         problems += _model(cfg[role], role)
     if cfg.student.keep_every < 1:
         problems.append(Problem("student.keep_every", cfg.student.keep_every, "must be >= 1"))
+    keep = cfg.student.keep_layers
+    if not (keep is None or keep == "auto" or isinstance(keep, ListConfig | list)
+            and all(isinstance(i, int) and not isinstance(i, bool) for i in keep)):
+        problems.append(Problem("student.keep_layers", keep, "give a list of teacher layer indices, e.g. [0,1,2], "
+                                "auto (chosen by measured importance) or null (every keep_every-th layer)"))
+    if keep == "auto" and cfg.student.calibration_examples < 1:
+        problems.append(Problem("student.calibration_examples", cfg.student.calibration_examples, "must be >= 1"))
     problems += _run_name(cfg.run.name)
     problems += _trainer(cfg.trainer)
     return problems

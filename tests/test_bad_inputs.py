@@ -68,6 +68,8 @@ def _has(msg: str, *needles: str) -> None:
     pytest.param(["distill.lr=0", "finetune.lr=-0.0001"], ["distill.lr=0", "finetune.lr=-0.0001",
                                                           "must be > 0, e.g. 1e-4"], id="zero-and-negative-lr"),
     pytest.param(["distill.temperature=0"], ["distill.temperature=0", "must be > 0"], id="zero-temperature"),
+    pytest.param(["student.keep_layers=first", "student.keep_layers=[a]"],
+                 ["student.keep_layers=['a']", "auto (chosen by measured importance)"], id="keep-layers-word"),
     pytest.param(["distill.on_policy_ratio=1.5", "distill.on_policy_temperature=0"],
                  ["distill.on_policy_ratio=1.5", "in [0, 1]", "distill.on_policy_temperature=0"], id="on-policy-range"),
     pytest.param(["distill.on_policy_ratio=0.5", "distill.topk_cache=8", "distill.hidden_weight=0"],

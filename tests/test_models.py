@@ -128,3 +128,41 @@ def test_a_model_given_by_path_is_called_after_its_folder_or_gguf_name(tmp_path,
     if spec is not None:  # the bundled GGUF (make setup installs it): its general.name
         gguf = next(Path(spec.origin).parent.glob("*.gguf"))
         assert model_name(gguf) == "Smollm2 135M 8k Lc100K Mix1 Ep2"
+
+
+def test_auto_layers_keep_those_whose_removal_costs_the_most(tmp_path, monkeypatch):
+    """Each layer's importance equals the loss increase of a teacher built without that layer (an independent
+    path: a derived student folder, loaded and scored); auto keeps the top ceil(7 / 3) = 3, cached."""
+    from compress.data import load_splits
+    from conftest import RT_CSV
+
+    monkeypatch.setenv("COMPRESS_CACHE", str(tmp_path / "cache"))
+    teacher = load_config(["teacher=tiny-random", "teacher.random.num_layers=7"]).teacher
+    t_dir = loading.resolve(teacher, "teacher")
+    cfg = load_config(["student=smollm2-slim", "student.keep_layers=auto", "student.calibration_examples=8",
+                       f"data.path={RT_CSV}", "data.train_size=16", "data.unlabeled_size=8", "data.eval_size=8"])
+    splits = load_splits(cfg.data)
+    texts = student_build.calibration_texts(t_dir, cfg.data, splits, 8)
+    assert len(texts) == 8 and texts[0].endswith(splits.answer(splits.train[0]))
+    scores = student_build.layer_importance(t_dir, texts)
+
+    def loss_without(i: int) -> float:
+        folder = student_build.derive_from_teacher(t_dir, [j for j in range(7) if j != i], tmp_path / f"no{i}")
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        tok, model = AutoTokenizer.from_pretrained(folder), AutoModelForCausalLM.from_pretrained(folder).double()
+        enc = tok(texts, return_tensors="pt", padding=True, truncation=True, max_length=256)  # as layer_importance
+        with torch.no_grad():
+            logits = model(**enc).logits[:, :-1]
+        target = enc["input_ids"][:, 1:].masked_fill(enc["attention_mask"][:, 1:] == 0, -100)
+        return torch.nn.functional.cross_entropy(logits.flatten(0, 1), target.flatten(), ignore_index=-100).item()
+
+    full = loss_without(-1)
+    for i in (0, 3, 6):
+        assert scores[i] == pytest.approx(loss_without(i) - full, abs=1e-4)
+    s_dir = student_build.resolve(cfg.student, t_dir, data=cfg.data, splits=splits)
+    kept = json.loads((s_dir / "config.json").read_text())["compress_kept_layers"]
+    assert kept == sorted(sorted(range(7), key=lambda i: -scores[i])[:3])
+    assert len(list((tmp_path / "cache" / "layer_importance").glob("*.json"))) == 1
+    with pytest.raises(CompressError, match="student.keep_layers"):
+        student_build.resolve(cfg.student, t_dir)

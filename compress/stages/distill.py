@@ -97,7 +97,8 @@ def run(cfg, src: Artifact, out: Path) -> dict:
     splits = load_splits(cfg.data)
     teacher = src.teacher()
     init = out / "student_init" if cfg.student.from_teacher and not cfg.student.path else None
-    student_dir = student_build.resolve(cfg.student, Path(teacher["path"]), dest=init)
+    student_dir = student_build.resolve(cfg.student, Path(teacher["path"]), dest=init, data=cfg.data,
+                                         splits=splits)
     info = train(cfg, cfg.distill, Path(teacher["path"]), student_dir, splits, out)
     if info is None:  # ranks > 0 only train
         return {}

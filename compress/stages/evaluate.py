@@ -43,7 +43,7 @@ def run(cfg, src: Artifact, out: Path) -> dict:
     t_pred = t.pop("predictions", None)
     if t_pred is not None:
         t["agreement"] = 1.0
-    student_dir = student_build.resolve(cfg.student, teacher_dir)
+    student_dir = student_build.resolve(cfg.student, teacher_dir, data=cfg.data, splits=splits)
     say(f"  student: {cfg.student.name} ({student_dir})")
     s = evaluate_folder(student_dir, cfg.student, "student", splits, cfg, t_pred)
     predictions = {"labels": [e.label for e in splits.eval], "teacher": t_pred, "student": s.pop("predictions", None)}
