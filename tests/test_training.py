@@ -337,7 +337,18 @@ def test_student_answers_keep_the_prompt_and_the_teacher_scores_them(tiny_teache
 
 
 def test_on_policy_distillation_trains_and_logs_its_own_term(tmp_path):
-    proc = cli("run", *QUICK, "pipeline=full", "distill.on_policy_ratio=0.5", f"run.root={tmp_path}", "run.name=P")
+    proc = cli("run", *QUICK, "pipeline.stages=[evaluate,distill]", "distill.on_policy_ratio=0.5",
+               f"run.root={tmp_path}", "run.name=P")
     assert proc.returncode == 0, proc.stderr
-    header = (tmp_path / "P" / "02_distill" / "logs" / "metrics.csv").read_text().splitlines()[0]
+    header = (tmp_path / "P" / "01_distill" / "logs" / "metrics.csv").read_text().splitlines()[0]
     assert "train/soft_on_policy" in header and "train/pseudo" in header and "train/pseudo_on_policy" not in header
+
+
+def test_auto_layers_through_the_stages(tmp_path):
+    proc = cli("run", *QUICK, "student=smollm2-slim", "student.keep_layers=auto", "student.keep_every=2",
+               "student.calibration_examples=4", "pipeline.stages=[evaluate,distill]", f"run.root={tmp_path}",
+               "run.name=A")
+    assert proc.returncode == 0, proc.stderr
+    assert "student layers by importance" in proc.stdout + proc.stderr
+    config = json.loads((tmp_path / "A" / "01_distill" / "model" / "config.json").read_text())
+    assert config["num_hidden_layers"] == 1 and len(config["compress_kept_layers"]) == 1
