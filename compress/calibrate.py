@@ -111,7 +111,8 @@ def calibrate(model, folder: Path, model_cfg, eval_cfg, fingerprint: str, cache:
 
 
 def _name(cand: dict) -> str:
-    return f"{cand['threads']} threads, {cand['attn_implementation']}, {cand['dtype']}"
+    n = cand["threads"]
+    return f"{n} thread{'s' if n != 1 else ''}, {cand['attn_implementation']}, {cand['dtype']}"
 
 
 def _read(path: Path) -> dict:
