@@ -69,21 +69,17 @@ class DistillModule(L.LightningModule):
         t_out = self._teacher(batch, d.hidden_weight > 0) if reads_teacher else None  # pseudo/hard only: no teacher
         if d.soft_weight > 0:
             out["soft"] = self._soft(batch, rows, logits, t_out)
-        if batch.get("on_policy"):  # the student's own answers: nothing to imitate, only the teacher's judgement
-            return {"soft": out["soft"], **({"hidden": self._hidden(s_out, t_out, attn)} if d.hidden_weight > 0 else {})}
-        if d.pseudo_weight > 0:
+        own = batch.get("on_policy", False)  # the student's own answers: nothing to imitate, only the teacher's judgement
+        if d.pseudo_weight > 0 and not own:
             out["pseudo"] = losses.cross_entropy(logits, target, on & (kind == 1))
-        if d.hard_weight > 0:
+        if d.hard_weight > 0 and not own:
             out["hard"] = losses.cross_entropy(logits, target, on & (kind == 0))
         if d.hidden_weight > 0:
-            out["hidden"] = self._hidden(s_out, t_out, attn)
+            mask = attn.bool().clone()  # (B, T)
+            mask[:, 0] = False  # the first position holds the attention sink's outsized activations
+            out["hidden"] = losses.hidden_cosine([s_out.hidden_states[j + 1] for j in range(len(self.layer_map))],
+                                                 [t_out.hidden_states[i] for i in self.layer_map], mask)
         return out
-
-    def _hidden(self, s_out, t_out, attn: torch.Tensor) -> torch.Tensor:
-        mask = attn.bool().clone()  # (B, T)
-        mask[:, 0] = False  # the first position holds the attention sink's outsized activations
-        return losses.hidden_cosine([s_out.hidden_states[j + 1] for j in range(len(self.layer_map))],
-                                    [t_out.hidden_states[i] for i in self.layer_map], mask)
 
     def on_policy(self, step: int) -> bool:
         """Whether optimizer step `step` trains on the student's own answers: `on_policy_ratio` of the
@@ -94,8 +90,8 @@ class DistillModule(L.LightningModule):
     @torch.no_grad()
     def student_answers(self, batch) -> dict:
         """The batch with every answer replaced by one the student samples from the same prompt, at most as
-        many tokens as the answer it replaces, ended by an EOS token. Right-padded as `training.collate`
-        pads; `answer_mask` marks the sampled tokens."""
+        many tokens as the answer it replaces, ended by an EOS token, collated as training
+        batches are (`training.collate`); `answer_mask` marks the sampled tokens."""
         ids, answer = batch["input_ids"], batch["answer_mask"]  # (B, T)
         starts, lengths = answer.int().argmax(1).tolist(), answer.sum(1).tolist()  # (B,) each
         width = max(starts)
@@ -110,21 +106,15 @@ class DistillModule(L.LightningModule):
                                     pad_token_id=self.pad_id, eos_token_id=self.eos or None, use_cache=True,
                                     use_model_defaults=False)[:, width:]  # (B, N)
         self.student.train(was_training)
-        rows = []
+        items = []
         for i, (s, n) in enumerate(zip(starts, lengths)):
             new = gen[i, :n].tolist()
             ends = [j for j, t in enumerate(new) if t in self.eos]
-            rows.append((ids[i, :s], new[: ends[0] + 1] if ends else new))
-        T = max(s + len(new) for s, (_, new) in zip(starts, rows))
-        out = {"input_ids": torch.full((len(rows), T), self.pad_id, dtype=ids.dtype, device=ids.device),
-               "attention_mask": torch.zeros((len(rows), T), dtype=batch["attention_mask"].dtype, device=ids.device),
-               "answer_mask": torch.zeros((len(rows), T), dtype=torch.bool, device=ids.device),
-               "kind": torch.ones(len(rows), dtype=batch["kind"].dtype, device=ids.device), "on_policy": True}
-        for i, (prompt, new) in enumerate(rows):
-            s, n = len(prompt), len(new)
-            out["input_ids"][i, :s], out["input_ids"][i, s:s + n] = prompt, torch.tensor(new, dtype=ids.dtype)
-            out["attention_mask"][i, :s + n], out["answer_mask"][i, s:s + n] = 1, True
-        return out
+            new = torch.tensor(new[: ends[0] + 1] if ends else new, dtype=ids.dtype, device=ids.device)
+            items.append({"input_ids": torch.cat([ids[i, :s], new]), "kind": 1,
+                          "answer_mask": torch.arange(s + len(new), device=ids.device) >= s})
+        out = {k: v.to(ids.device) for k, v in training.collate(self.pad_id)(items).items()}
+        return {**out, "on_policy": True}
 
     @torch.no_grad()
     def _teacher(self, batch, hidden: bool):
