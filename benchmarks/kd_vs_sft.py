@@ -7,6 +7,8 @@ teacher per task, once per variant and seed:
   kd            soft labels + pseudo-labels (the `unlabeled` split), plus the preset's hidden-state term
   kd_on_policy  kd, with half the steps on answers the student samples itself and the teacher scores (GKD)
   kd_auto_layers  kd, the student's layers chosen by measured importance (`student.keep_layers=auto`)
+  kd_synthetic  kd, the transfer set grown by as many inputs again written by the teacher
+                (`data.synthetic_unlabeled` = `data.unlabeled_size`)
 and prints each variant's score (accuracy, or F1 on a generative task) as mean +- standard error over the
 seeds, with its difference to sft in standard errors.
 
@@ -47,6 +49,8 @@ VARIANTS = {  # sft and pseudo read nothing of the teacher's but its answers: no
                      "distill.on_policy_ratio": 0.5},
     "kd_auto_layers": {"distill.soft_weight": 1.0, "distill.pseudo_weight": 1.0, "distill.hard_weight": 0.0,
                        "student.keep_layers": "auto"},
+    "kd_synthetic": {"distill.soft_weight": 1.0, "distill.pseudo_weight": 1.0, "distill.hard_weight": 0.0,
+                     "data.synthetic_unlabeled": "${data.unlabeled_size}"},
 }
 """Loss settings of each variant; everything else (steps, batch, lr, hidden-state weight of `kd`) is the preset's."""
 METHODS = {"qlora": ["teacher.method=qlora"], "lora-bf16": ["teacher.method=lora", "teacher.dtype=bfloat16"],

@@ -178,6 +178,10 @@ class DataConfig:
     """Labelled examples in the `train` split."""
     unlabeled_size: int = 2000
     """Examples in the `unlabeled` split (labels hidden: the transfer set for pseudo-labels)."""
+    synthetic_unlabeled: int = 0
+    """Inputs the teacher writes itself, added to the `unlabeled` split for distillation (and recovery):
+    sampled from prompts of 3 real inputs, de-duplicated, none sharing an 8-word run with an eval input;
+    cached in `<run>/cache/`. 0: off. Not for tasks whose examples have their own choices."""
     eval_size: int = 500
     """Labelled examples in the `eval` split, never seen in training."""
     perplexity_path: Optional[str] = None

@@ -28,7 +28,8 @@ def problems(cfg) -> list[Problem]:
                                 "eval.prefill_tokens", "eval.decode_tokens", "eval.latency_runs",
                                 "eval.calibration_tokens",
                                 "data.eval_size", "data.max_chars"], strict=True)
-    problems += _positive(cfg, ["data.train_size", "data.unlabeled_size", "eval.warmup_runs"], strict=False)
+    problems += _positive(cfg, ["data.train_size", "data.unlabeled_size", "data.synthetic_unlabeled",
+                               "eval.warmup_runs"], strict=False)
     if cfg.eval.threads is not None and cfg.eval.threads < 1:
         problems.append(Problem("eval.threads", cfg.eval.threads, "must be >= 1, or null for torch's default"))
     bad_dtypes = [d for d in cfg.eval.cpu_dtypes if d not in ("float32", "bfloat16")]

@@ -102,8 +102,9 @@ def test_kd_vs_sft_writes_scores_per_task_variant_and_seed_and_keeps_finished_ru
     assert set(rt) == {"sft", "kd_on_policy"} and all(len(v["scores"]) == 2 and v["seeds"] == [1, 2] for v in rt.values())
     assert all(v["stderr"] >= 0 and v["runs"][0]["metric"] == "accuracy" for v in rt.values())
     assert "in SE" in proc.stdout
-    proc = _script("kd_vs_sft.py", *args, "--tasks", "squad", "--seeds", "1", "--variants", "sft")
+    proc = _script("kd_vs_sft.py", *args, "--tasks", "squad", "--seeds", "1", "--variants", "sft", "kd_synthetic")
     assert proc.returncode == 0, proc.stderr[-3000:]
     res = json.loads(out.read_text())
     assert set(res["tasks"]) == {"rotten_tomatoes", "squad"}  # the first task's runs kept, not rerun
     assert res["tasks"]["squad"]["sft"]["runs"][0]["metric"] == "f1"
+    assert "written inputs: kept" in proc.stdout + proc.stderr  # passages and questions: the `###` separator

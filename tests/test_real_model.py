@@ -94,3 +94,29 @@ def test_smollm2_answers_squad_questions_and_distils_its_answers(tmp_path):
     pseudo = [json.loads(line) for line in (run / "01_distill" / "pseudo_labels.jsonl").open()]
     assert len(pseudo) == 8 and sum(bool(p["answer"].strip()) for p in pseudo) >= 6
     print(f"\nSmolLM2 zero-shot on 12 SQuAD questions: EM {teacher['exact_match']:.3f}, F1 {teacher['f1']:.3f}")
+
+
+@pytest.mark.slow
+def test_smollm2_writes_new_reviews_for_distillation(tmp_path):
+    """`data.synthetic_unlabeled` on the real model: the teacher writes reviews from few-shot prompts; each is
+    finished, new and clean of the eval split, and pseudo-labelled like a real unlabeled review."""
+    from compress.config import load_config
+    from compress.data import load_splits
+    from teachers import synthetic
+
+    overrides = [f"data.path={RT_CSV}", "data.eval_size=24", "data.train_size=24", "data.unlabeled_size=8"]
+    proc = cli("run", *overrides, "data.synthetic_unlabeled=6", "pipeline.stages=[evaluate,distill]",
+               "distill=quick", "distill.max_steps=2", "eval=quick", "eval.latency=false", "eval.perplexity=false",
+               f"run.root={tmp_path}", "run.name=syn")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    stage = tmp_path / "syn" / "01_distill"
+    written = [json.loads(line)["text"] for line in (stage / "written_inputs.jsonl").open()]
+    print("\nwritten by SmolLM2:\n" + "\n".join(written))
+    assert len(written) >= 4  # measured: 6 kept of the first 12 written
+    splits = load_splits(load_config(overrides).data)
+    seen = {synthetic.words(e.text) for e in splits.train + splits.unlabeled}
+    near = set().union(*(synthetic.ngrams(e.text) for e in splits.eval))
+    assert all(synthetic.verdict(t, seen, near) == "kept" for t in written)
+    assert len({synthetic.words(t) for t in written}) == len(written)
+    rows = [json.loads(line) for line in (stage / "pseudo_labels.jsonl").open()]
+    assert len(rows) == 8 + len(written) and {r["answer"] for r in rows} <= {" positive", " negative"}

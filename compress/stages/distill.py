@@ -21,7 +21,7 @@ import torch
 from compress import training
 from compress.artifact import Artifact
 from compress.console import say
-from compress.data import load_splits
+from compress.data import Example, is_generative, load_splits, read_examples
 from compress.errors import CompressError, Problem
 from compress.evaluate import eos_ids
 from compress.hub import text_hash
@@ -80,8 +80,12 @@ def check(cfg) -> list[Problem]:
 
 
 def preflight(cfg) -> list[Problem]:
-    """In the pipeline: a student of its own must share the teacher's vocabulary for soft labels (fail now,
-    not after hours of earlier stages)."""
+    """In the pipeline (fail now, not after hours of earlier stages): inputs the teacher writes need a task
+    with shared labels; a student of its own must share the teacher's vocabulary for soft labels."""
+    if cfg.data.synthetic_unlabeled > 0 and not is_generative(cfg.data) and cfg.data.format != "text" \
+            and any(c is not None for c in read_examples(cfg.data)[2]):
+        return [Problem("data.synthetic_unlabeled", cfg.data.synthetic_unlabeled, "this task's examples have their "
+                        "own choices, which an input the teacher writes would lack; set data.synthetic_unlabeled=0")]
     if cfg.distill.soft_weight <= 0 or not (cfg.student.path or cfg.student.random):
         return []
     t = loading.load_tokenizer(loading.resolve(cfg.teacher, "teacher"), cfg.teacher, "teacher")
@@ -122,6 +126,8 @@ def train(cfg, d, teacher_dir: Path, student_dir: Path, splits, out: Path) -> di
     teacher, t_tok = loading.load(teacher_dir, cfg.teacher, "teacher")
     student, s_tok = loading.load(student_dir, cfg.student, "student")
     distill.check_tokenizers(t_tok, s_tok, d.soft_weight)
+    if cfg.data.synthetic_unlabeled > 0 and (d.pseudo_weight > 0 or d.soft_weight > 0):
+        splits = with_written_inputs(teacher, t_tok, teacher_dir, splits, cfg, out)
     answers = pseudo_labels(teacher, t_tok, teacher_dir, splits, cfg, out)
 
     texts, targets, kinds = [], [], []
@@ -164,6 +170,7 @@ def train(cfg, d, teacher_dir: Path, student_dir: Path, splits, out: Path) -> di
     student.save_pretrained(out / "model", safe_serialization=True)
     s_tok.save_pretrained(out / "model")
     return {"pseudo_labels": len(answers), "train_items": len(items) - n_val,
+            "written_inputs": sum(1 for e in splits.unlabeled if e.group == WRITTEN),
             "topk_bytes_per_token": distill.topk_bytes_per_token(d.topk_cache) if topk is not None else None}
 
 
@@ -176,6 +183,54 @@ def topk_cache(teacher, items: list[dict], d, batch_size: int, pad_id: int, out:
     if path.exists():
         return load_file(path)
     return distill.build_topk_cache(teacher, items, d.topk_cache, d.temperature, batch_size, pad_id, out)
+
+
+WRITTEN = "written by the teacher"
+"""The group of every input the teacher wrote (`data.synthetic_unlabeled`)."""
+
+
+def with_written_inputs(teacher, tok, teacher_dir: Path, splits, cfg, out: Path):
+    """`splits` with `data.synthetic_unlabeled` inputs written by the teacher added to `unlabeled`
+    (teachers/synthetic.py), written to `out/written_inputs.jsonl`.
+
+    A copy is kept in the run's `cache/`, keyed by the teacher folder, the real inputs, the eval inputs,
+    the count and `data.seed`: a rerun, the recovery after pruning and other `run.seed`s reuse them."""
+    from dataclasses import replace
+
+    from compress.runtime import truncate
+    from teachers import synthetic
+
+    n = cfg.data.synthetic_unlabeled
+    if any(e.choices is not None for e in splits.unlabeled + splits.train):
+        raise CompressError(Problem("data.synthetic_unlabeled", n, "this task's examples have their own choices, "
+                                    "which an input the teacher writes would lack; set data.synthetic_unlabeled=0"))
+    pool = [truncate(e.text, cfg.data.max_chars) for e in splits.train + splits.unlabeled]
+    avoid = [e.text for e in splits.eval]
+    bf16 = training.precision(cfg.trainer, cpu_bf16=True).startswith("bf16")
+    key = text_hash(json.dumps([loading.folder_fingerprint(teacher_dir), pool, avoid, n, cfg.data.seed, bf16,
+                                synthetic.SHOTS, synthetic.SEPARATORS, synthetic.TEMPERATURE, synthetic.TOP_P]))[:16]
+    cached = out.parent / "cache" / f"written_inputs-{key}.jsonl"
+    if cached.exists():
+        texts = [json.loads(line)["text"] for line in cached.read_text().splitlines()]
+        say(f"  written inputs: reused {len(texts)} from {cached}")
+    else:
+        device = next(teacher.parameters()).device.type
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=bf16):
+            texts, counts = synthetic.write_inputs(teacher, tok, pool, avoid, n, cfg.data.seed,
+                                                   eos_ids(tok, teacher.generation_config))
+        say(f"  written inputs: kept {len(texts)} of {sum(counts.values())} the teacher wrote ("
+            + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())) + ")")
+        if len(texts) < n:
+            say(f"  [yellow]written inputs: {len(texts)}, fewer than data.synthetic_unlabeled={n}: the teacher "
+                "mostly copied, repeated or ran over its token budget[/yellow]")
+        cached.parent.mkdir(exist_ok=True)
+        tmp = cached.with_suffix(".part")
+        tmp.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+        tmp.rename(cached)
+    if not (out / "written_inputs.jsonl").exists():
+        shutil.copy2(cached, out / "written_inputs.jsonl")
+    written = [Example(t, group=WRITTEN) for t in texts]
+    return replace(splits, unlabeled=splits.unlabeled + written)
 
 
 def pseudo_labels(teacher, tok, teacher_dir: Path, splits, cfg, out: Path) -> list[str]:
