@@ -36,13 +36,15 @@ def test_eval_command_reads_a_gguf_file(tmp_path):
 
 @pytest.mark.slow
 def test_smollm2_full_pipeline_few_steps(tmp_path):
-    """QLoRA on the real model (NF4 on CPU), then distillation into its slim student: a few steps each."""
-    proc = cli("run", "pipeline.stages=[evaluate,finetune_teacher,distill]", f"data.path={RT_CSV}", "data.eval_size=48",
-               "data.train_size=48", "data.unlabeled_size=32", "eval=quick", "finetune=quick", "distill.max_steps=4",
-               "distill.batch_size=4", "trainer.log_every=1",
+    """QLoRA on the real model (NF4 on CPU), then distillation into its slim student: a few steps each, on a
+    transfer set grown by reviews the fine-tuned teacher writes (`data.synthetic_unlabeled`)."""
+    data = [f"data.path={RT_CSV}", "data.eval_size=48", "data.train_size=48", "data.unlabeled_size=32"]
+    proc = cli("run", "pipeline.stages=[evaluate,finetune_teacher,distill]", *data, "data.synthetic_unlabeled=6",
+               "eval=quick", "finetune=quick", "distill.max_steps=4", "distill.batch_size=4", "trainer.log_every=1",
                f"run.root={tmp_path}", "run.name=real")
     assert proc.returncode == 0, proc.stderr
     run = tmp_path / "real"
+    _check_written_reviews(run / "02_distill", data, 32)
     records = json.loads((run / "results.json").read_text())["records"]
     assert [r["stage"] for r in records] == ["evaluate", "evaluate", "finetune_teacher", "distill"]
     from peft import PeftModel
@@ -96,27 +98,21 @@ def test_smollm2_answers_squad_questions_and_distils_its_answers(tmp_path):
     print(f"\nSmolLM2 zero-shot on 12 SQuAD questions: EM {teacher['exact_match']:.3f}, F1 {teacher['f1']:.3f}")
 
 
-@pytest.mark.slow
-def test_smollm2_writes_new_reviews_for_distillation(tmp_path):
-    """`data.synthetic_unlabeled` on the real model: the teacher writes reviews from few-shot prompts; each is
-    finished, new and clean of the eval split, and pseudo-labelled like a real unlabeled review."""
+
+def _check_written_reviews(stage, data: list[str], n_real: int) -> None:
+    """The reviews the teacher wrote: finished, new, clean of the eval split, pseudo-labelled after the real ones."""
     from compress.config import load_config
     from compress.data import load_splits
     from teachers import synthetic
 
-    overrides = [f"data.path={RT_CSV}", "data.eval_size=24", "data.train_size=24", "data.unlabeled_size=8"]
-    proc = cli("run", *overrides, "data.synthetic_unlabeled=6", "pipeline.stages=[evaluate,distill]",
-               "distill=quick", "distill.max_steps=2", "eval=quick", "eval.latency=false", "eval.perplexity=false",
-               f"run.root={tmp_path}", "run.name=syn")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    stage = tmp_path / "syn" / "01_distill"
     written = [json.loads(line)["text"] for line in (stage / "written_inputs.jsonl").open()]
-    print("\nwritten by SmolLM2:\n" + "\n".join(written))
+    print("\nwritten by the fine-tuned SmolLM2:\n" + "\n".join(written))
     assert len(written) >= 4  # measured: 6 kept of the first 12 written
-    splits = load_splits(load_config(overrides).data)
+    splits = load_splits(load_config(data).data)
     seen = {synthetic.words(e.text) for e in splits.train + splits.unlabeled}
     near = set().union(*(synthetic.ngrams(e.text) for e in splits.eval))
     assert all(synthetic.verdict(t, seen, near) == "kept" for t in written)
     assert len({synthetic.words(t) for t in written}) == len(written)
     rows = [json.loads(line) for line in (stage / "pseudo_labels.jsonl").open()]
-    assert len(rows) == 8 + len(written) and {r["answer"] for r in rows} <= {" positive", " negative"}
+    assert [r["text"] for r in rows[n_real:]] == written
+    assert {r["answer"] for r in rows} <= {" positive", " negative"}
