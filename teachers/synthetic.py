@@ -73,7 +73,7 @@ def sample(model, tok, prompts: list[str], sep: str, max_new_tokens: int, eos: l
     """One sampled continuation per prompt, cut at the separator or EOS; None where neither came."""
     device = next(model.parameters()).device
     tok.padding_side = "left"
-    enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+    enc = tok(prompts, return_tensors="pt", padding=True).to(device)  # with BOS where the tokenizer adds one
     tok.padding_side = "right"
     enc.pop("token_type_ids", None)
     gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=True, temperature=TEMPERATURE, top_p=TOP_P,

@@ -205,6 +205,9 @@ def with_written_inputs(teacher, tok, teacher_dir: Path, splits, cfg, out: Path)
         raise CompressError(Problem("data.synthetic_unlabeled", n, "this task's examples have their own choices, "
                                     "which an input the teacher writes would lack; set data.synthetic_unlabeled=0"))
     pool = [truncate(e.text, cfg.data.max_chars) for e in splits.train + splits.unlabeled]
+    if not pool:
+        raise CompressError(Problem("data.synthetic_unlabeled", n, "the teacher writes new inputs from real ones, "
+                                    "and train and unlabeled are empty; set data.unlabeled_size > 0"))
     avoid = [e.text for e in splits.eval]
     bf16 = training.precision(cfg.trainer, cpu_bf16=True).startswith("bf16")
     key = text_hash(json.dumps([loading.folder_fingerprint(teacher_dir), pool, avoid, n, cfg.data.seed, bf16,
