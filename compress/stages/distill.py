@@ -21,8 +21,8 @@ import torch
 from compress import training
 from compress.artifact import Artifact
 from compress.console import say
-from compress.data import Example, is_generative, load_splits, read_examples
-from compress.errors import CompressError, Problem
+from compress.data import Example, load_splits
+from compress.errors import CompressError, Problem, raise_if
 from compress.evaluate import eos_ids
 from compress.hub import text_hash
 from compress.measure import carry, measure_student
@@ -82,10 +82,8 @@ def check(cfg) -> list[Problem]:
 def preflight(cfg) -> list[Problem]:
     """In the pipeline (fail now, not after hours of earlier stages): inputs the teacher writes need a task
     with shared labels; a student of its own must share the teacher's vocabulary for soft labels."""
-    if cfg.data.synthetic_unlabeled > 0 and not is_generative(cfg.data) and cfg.data.format != "text" \
-            and any(c is not None for c in read_examples(cfg.data)[2]):
-        return [Problem("data.synthetic_unlabeled", cfg.data.synthetic_unlabeled, "this task's examples have their "
-                        "own choices, which an input the teacher writes would lack; set data.synthetic_unlabeled=0")]
+    if cfg.data.synthetic_unlabeled > 0 and (problems := written_input_problems(cfg.data, load_splits(cfg.data))):
+        return problems
     if cfg.distill.soft_weight <= 0 or not (cfg.student.path or cfg.student.random):
         return []
     t = loading.load_tokenizer(loading.resolve(cfg.teacher, "teacher"), cfg.teacher, "teacher")
@@ -189,6 +187,19 @@ WRITTEN = "written by the teacher"
 """The group of every input the teacher wrote (`data.synthetic_unlabeled`)."""
 
 
+def written_input_problems(data, splits) -> list[Problem]:
+    """Why the teacher cannot write inputs for this task: examples with their own choices (a written
+    input would have none), or no real input to show it."""
+    n, real = data.synthetic_unlabeled, splits.train + splits.unlabeled
+    if any(e.choices is not None for e in real):
+        return [Problem("data.synthetic_unlabeled", n, "this task's examples have their own choices, which an input "
+                        "the teacher writes would lack; set data.synthetic_unlabeled=0")]
+    if not real:
+        return [Problem("data.synthetic_unlabeled", n, "the teacher writes new inputs from real ones, and train "
+                        "and unlabeled are empty; set data.unlabeled_size > 0")]
+    return []
+
+
 def with_written_inputs(teacher, tok, teacher_dir: Path, splits, cfg, out: Path):
     """`splits` with `data.synthetic_unlabeled` inputs written by the teacher added to `unlabeled`
     (teachers/synthetic.py), written to `out/written_inputs.jsonl`.
@@ -201,13 +212,8 @@ def with_written_inputs(teacher, tok, teacher_dir: Path, splits, cfg, out: Path)
     from teachers import synthetic
 
     n = cfg.data.synthetic_unlabeled
-    if any(e.choices is not None for e in splits.unlabeled + splits.train):
-        raise CompressError(Problem("data.synthetic_unlabeled", n, "this task's examples have their own choices, "
-                                    "which an input the teacher writes would lack; set data.synthetic_unlabeled=0"))
+    raise_if(written_input_problems(cfg.data, splits), "the teacher cannot write inputs for this task")
     pool = [truncate(e.text, cfg.data.max_chars) for e in splits.train + splits.unlabeled]
-    if not pool:
-        raise CompressError(Problem("data.synthetic_unlabeled", n, "the teacher writes new inputs from real ones, "
-                                    "and train and unlabeled are empty; set data.unlabeled_size > 0"))
     avoid = [e.text for e in splits.eval]
     bf16 = training.precision(cfg.trainer, cpu_bf16=True).startswith("bf16")
     key = text_hash(json.dumps([loading.folder_fingerprint(teacher_dir), pool, avoid, n, cfg.data.seed, bf16,
