@@ -108,3 +108,15 @@ def test_kd_vs_sft_writes_scores_per_task_variant_and_seed_and_keeps_finished_ru
     assert set(res["tasks"]) == {"rotten_tomatoes", "squad"}  # the first task's runs kept, not rerun
     assert res["tasks"]["squad"]["sft"]["runs"][0]["metric"] == "f1"
     assert "written inputs: kept" in proc.stdout + proc.stderr  # passages and questions: the `###` separator
+
+
+def test_depth_speed_fits_time_per_token_against_depth(tmp_path):
+    import depth_speed
+
+    a, b = depth_speed.fit([1, 2, 4], [0.003, 0.004, 0.006])  # 2 ms fixed + 1 ms per layer
+    assert (a, b) == (pytest.approx(0.002), pytest.approx(0.001))
+    out = tmp_path / "depth.json"
+    proc = _script("depth_speed.py", *TINY, "--depths", "1", "--rounds", "1", "--threads", "1", "--out", str(out))
+    assert proc.returncode == 0, proc.stderr
+    res = json.loads(out.read_text())["forms"]["int8"]
+    assert res["depths"]["1"]["speedup"] == pytest.approx(res["depths"]["1"]["tok_s"] / res["teacher_tok_s"])
