@@ -273,12 +273,14 @@ def quantize(variant: str, src: Path, dest: Path, e) -> None:
     if variant == "int8":
         from onnxruntime.quantization import QuantType, quantize_dynamic
 
-        say(f"  int8: quantizing {len(nodes)} MatMuls (per channel: {e.int8_per_channel})")
+        say(f"  int8: quantizing {len(nodes)} MatMuls (per channel: {e.int8_per_channel}, "
+            f"{7 if e.int8_reduce_range else 8}-bit weights)")
         root, level = logging.getLogger(), logging.getLogger().level
         root.setLevel(logging.ERROR)  # "consider pre-processing": a hint for static quantization
         try:
             quantize_dynamic(model, dest / "model.onnx", weight_type=QuantType.QInt8,
-                             per_channel=e.int8_per_channel, op_types_to_quantize=["MatMul"],
+                             per_channel=e.int8_per_channel, reduce_range=e.int8_reduce_range,
+                             op_types_to_quantize=["MatMul"],
                              nodes_to_quantize=nodes, use_external_data_format=big)
         finally:
             root.setLevel(level)
