@@ -13,6 +13,7 @@ layer-equivalents a / b. The fit gives the speed-up a depth can reach, its ceili
 
     python benchmarks/depth_speed.py                            # depths 2,4,6,8,10, int8
     python benchmarks/depth_speed.py --depths 3,6,10 --forms int8,int4 --rounds 5
+    python benchmarks/depth_speed.py --forms fp32,int8,int4 export.int4_exclude=[]   # int4 head too
 
 Writes benchmarks/results/depth_speed.json with the load average at the start and the end.
 """
@@ -84,7 +85,7 @@ def main() -> int:
     p.add_argument("--threads", type=int)
     p.add_argument("--target", type=float, default=4.5, help="speed-up over the teacher's same form to solve for")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "depth_speed.json")
-    args = p.parse_args()
+    args = p.parse_intermixed_args()
     sys.path.insert(0, str(ROOT))
     from rich.table import Table
 
@@ -122,11 +123,14 @@ def main() -> int:
             "ceiling_speedup": (1 / teacher) / a if a > 0 else None, "depth_for_target": need}
         t = Table(title=f"{form}: decode tok/s by depth (teacher {layers} layers, {teacher:.1f} tok/s; load "
                         f"{load_start[0]:.1f} -> {result['load_average_end'][0]:.1f})")
-        for col in ("layers", "tok/s (median)", "per round", f"x teacher {form}"):
+        int8 = statistics.median(speeds["teacher int8"]) if "int8" in forms and form != "int8" else None
+        for col in ("layers", "tok/s (median)", "per round", f"x teacher {form}", *(["x teacher int8"] if int8 else [])):
             t.add_column(col, justify="right")
         for n in depths:
             t.add_row(str(n), f"{tok_s[n]:.1f}", ", ".join(f"{s:.0f}" for s in speeds[f"L{n} {form}"]),
-                      f"{tok_s[n] / teacher:.2f}")
+                      f"{tok_s[n] / teacher:.2f}", *([f"{tok_s[n] / int8:.2f}"] if int8 else []))
+            if int8 is not None:
+                result["forms"][form]["depths"][n]["speedup_vs_teacher_int8"] = tok_s[n] / int8
         out.print(t)
         ceiling = result["forms"][form]["ceiling_speedup"]
         say(f"{form}: t(N) = {a * 1e3:.2f} ms + N x {b * 1e3:.2f} ms per token: the part that does not shrink with "
