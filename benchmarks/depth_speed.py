@@ -69,9 +69,8 @@ def measure(folders: dict[str, Path], rounds: int, prompt: int, decode: int, thr
 
 def fit(depths: list[int], seconds: list[float]) -> tuple[float, float]:
     """Least-squares (a, b) of seconds per token = a + b * depth."""
-    n, mx, my = len(depths), statistics.fmean(depths), statistics.fmean(seconds)
-    b = sum((x - mx) * (y - my) for x, y in zip(depths, seconds)) / sum((x - mx) ** 2 for x in depths)
-    return my - b * mx, b
+    b, a = statistics.linear_regression(depths, seconds)
+    return a, b
 
 
 def main() -> int:

@@ -148,7 +148,6 @@ def test_bad_export_settings_exit_2(exported, overrides, needles):
         assert needle in flat, (needle, proc.stderr)
 
 
-
 def _skewed_graph(path, k=64, n=32, vocab=48):
     """x @ W, and x @ Transpose(E) (a tied head), with weights near their channel's maximum everywhere."""
     import numpy as np
@@ -202,6 +201,7 @@ def test_int8_weights_cannot_saturate_the_avx2_kernel(tmp_path):
             .run(None, {"x": x}) for f in ("fp32", "int8")]
     for ref, got in zip(*outs):
         assert np.linalg.norm(got - ref) / np.linalg.norm(ref) < 0.1  # 0.04; 8-bit weights on AVX2: 14.6
+
 
 def test_missing_onnxruntime_names_the_install_command(tmp_path):
     fake = tmp_path / "site" / "onnxruntime"
