@@ -21,6 +21,11 @@ SQUAD = DATA / "squad_dev_wiki_paragraphs.txt"
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ["COMPRESS_CACHE"] = os.environ.get("COMPRESS_TEST_CACHE") or tempfile.mkdtemp(prefix="compress-cache-")
+# Under xdist each worker (and every `compress` it starts) gets an equal share of the cores: two workers
+# on 2 cores with 2 threads each would oversubscribe them.
+_workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _workers > 1:
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // _workers)))
 
 TINY = ["teacher=tiny-random", "student=tiny-random", f"data.path={RT_CSV}", "data.eval_size=40",
         "data.train_size=40", "data.unlabeled_size=40", "eval=quick"]

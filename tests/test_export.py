@@ -219,7 +219,8 @@ def test_missing_onnxruntime_names_the_install_command(tmp_path):
 def test_real_student_export_parity_and_int8(tmp_path):
     """The untrained smollm2-slim student (10 of SmolLM2-135M's 30 layers): export, parity, int8."""
     proc = cli("run", "pipeline=export", f"data.path={RT_CSV}", "data.eval_size=40", "data.train_size=0",
-               "data.unlabeled_size=0", "eval=quick", "eval.perplexity=false", f"run.root={tmp_path}", "run.name=R")
+               "data.unlabeled_size=0", "eval=quick", "eval.perplexity=false",
+               "report.baselines=false", f"run.root={tmp_path}", "run.name=R")  # baselines: tested on tiny models
     assert proc.returncode == 0, proc.stderr
     parity = json.loads((tmp_path / "R" / "01_export" / "parity.json").read_text())
     print(f"\nparity: {parity}")
@@ -228,7 +229,7 @@ def test_real_student_export_parity_and_int8(tmp_path):
     # millions), so int8 noise flips many top-1 picks (0.58 measured); a trained model keeps more.
     assert parity["int8"]["top1"] >= 0.4
     records = {r["variant"] or r["model"]: r for r in json.loads((tmp_path / "R" / "results.json").read_text())["records"]
-               if r["role"] == "student"}  # not the teacher baselines, whose forms have the same names
+               if r["role"] == "student"}
     for r in records.values():
         print({k: r.get(k) for k in ("model", "backend", "accuracy", "prefill_ms", "decode_tok_s", "size_mb",
                                      "decode_vs_torch", "parity_top1", "stage_wall_s")})

@@ -100,14 +100,15 @@ def test_changed_eval_setting_remeasures_without_retraining(full_run):
 
 def test_lora_and_full_methods_train(tmp_path):
     for method in ("lora", "full"):
-        proc = cli("run", *QUICK, "pipeline=full", f"teacher.method={method}", f"run.root={tmp_path}",
-                   f"run.name={method}")
+        proc = cli("run", *QUICK, "pipeline.stages=[evaluate,finetune_teacher]", f"teacher.method={method}",
+                   f"run.root={tmp_path}", f"run.name={method}")
         assert proc.returncode == 0, proc.stderr
         assert (tmp_path / method / "01_finetune_teacher" / "model" / "model.safetensors").is_file()
 
 
 def test_topk_cache_trains_without_the_teacher(tmp_path):
-    proc = cli("run", *QUICK, "pipeline=full", "distill.topk_cache=8", f"run.root={tmp_path}", "run.name=K")
+    proc = cli("run", *QUICK, "pipeline.stages=[evaluate,finetune_teacher,distill]", "distill.topk_cache=8",
+               f"run.root={tmp_path}", "run.name=K")
     assert proc.returncode == 0, proc.stderr
     metrics = json.loads((tmp_path / "K" / "02_distill" / "metrics.json").read_text())
     assert metrics["topk_bytes_per_token"] == 8 * 6 + 4
