@@ -5,7 +5,6 @@ import os
 import subprocess
 import sys
 import tempfile
-from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -37,14 +36,6 @@ def cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
     """Run the installed `compress` command as a user would; capture its output."""
     return subprocess.run([sys.executable, "-m", "compress", *args], capture_output=True, text=True,
                           cwd=cwd, timeout=900)
-
-
-def pytest_collection_modifyitems(items):
-    """Files with the most real-model (`slow`) tests first, each file's tests in their own order: under xdist
-    the longest files start at once on separate workers and the short ones fill in behind them, instead of
-    one worker finishing the real model alone at the end."""
-    slow = Counter(item.path for item in items if item.get_closest_marker("slow"))
-    items.sort(key=lambda item: -slow[item.path])
 
 
 @pytest.fixture(scope="session")
