@@ -28,9 +28,9 @@ def _quiet() -> None:
     warnings.filterwarnings("ignore", category=FutureWarning)
     import logging
 
-    import transformers
-
-    transformers.logging.set_verbosity_error()
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # read when transformers is imported (seconds:
+    if "transformers" in sys.modules:  # commands that never load a model do not pay for it)
+        sys.modules["transformers"].logging.set_verbosity_error()
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # "failed to fetch a CPU kernel from the hub"
     for name in ("torchao", "torch.utils._pytree"):  # imported by transformers when the gptq extra is installed
         logging.getLogger(name).setLevel(logging.ERROR)

@@ -18,7 +18,6 @@ import platform
 import time
 from pathlib import Path
 
-import torch
 from rich.table import Table
 
 from compress.artifact import Artifact, versions, write_json
@@ -38,6 +37,8 @@ CSV_FIELDS = ["stage", "role", "model", "variant", "output", "backend", "metric"
 
 
 def hardware() -> dict:
+    import torch  # here, not at the top: `compress check` and `report` read results without torch
+
     info = {"machine": platform.machine(), "cpu": platform.processor() or platform.machine(),
             "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(), "gpu": None,
             "load_average": os.getloadavg()}  # 1, 5, 15 min: speed figures from a busy machine mislead
