@@ -28,8 +28,9 @@ def _quiet() -> None:
     warnings.filterwarnings("ignore", category=FutureWarning)
     import logging
 
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # read when transformers is imported (seconds:
-    if "transformers" in sys.modules:  # commands that never load a model do not pay for it)
+    # transformers reads this when imported: commands that load no model (check, report) skip its seconds of import
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    if "transformers" in sys.modules:  # already imported (main() called in-process): set the level directly
         sys.modules["transformers"].logging.set_verbosity_error()
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # "failed to fetch a CPU kernel from the hub"
     for name in ("torchao", "torch.utils._pytree"):  # imported by transformers when the gptq extra is installed
