@@ -15,6 +15,7 @@ import uuid
 from pathlib import Path
 
 from omegaconf import OmegaConf
+from rich.markup import escape
 
 from compress import dist, results, validate
 from compress.artifact import PARTIAL, TRAINING, Artifact, finish, is_done, versions, write_json
@@ -23,7 +24,7 @@ from compress.errors import CompressError, Problem, raise_if
 from compress.hub import text_hash
 from compress.lock import holder, run_lock
 from compress.measure import carry
-from compress.report import write_report
+from compress.report import against_baseline, verdict, write_report
 from compress.stages import ROLES, STAGES, Stage
 from compress.training import trainer_problems
 
@@ -144,6 +145,9 @@ def run_pipeline(cfg) -> Path:
         results.write(root, res)
         md, png = write_report(root)
     out.print(results.table(res["records"], title=f"results: {root}"))
+    line = verdict(against_baseline(res["records"]))
+    if line:
+        say(escape(line))
     say(f"report: {md} and {png}")
     return root
 

@@ -13,7 +13,8 @@ import json
 from pathlib import Path
 
 from compress import results as results_mod
-from compress.records import Record
+from compress import stats
+from compress.records import Record, ratio
 
 MARKERS = {"torch": "o", "onnxruntime": "s", "gptq": "D", "llama.cpp": "^"}
 COLORS = {"teacher": "tab:blue", "student": "tab:orange", "baseline": "tab:purple"}
@@ -245,11 +246,81 @@ def markdown(run_dir: Path, res: dict, png_name: str) -> str:
     lines = [f"# compress report: {run_dir.name}", "",
              f"Created {header.get('created', '?')} on {_cpu(res)}. {versions}.", "",
              _reference_line(header), "", "## Results", "", *md_table(res["records"]), "", *_interval_note(res),
-             f"![retention against decode speed and size]({png_name})", "", "## Stages", "",
+             f"![retention against decode speed and size]({png_name})", "", *baseline_section(res["records"]),
+             "## Stages", "",
              *stage_lines(run_dir), "", "## Configuration", "", "```yaml"]
     config = run_dir / "config.yaml"
     lines += [config.read_text().rstrip() if config.is_file() else "# config.yaml missing", "```", ""]
     return "\n".join(lines)
+
+
+def against_baseline(records: list[dict]) -> list[dict]:
+    """Each student form exported in a stage that also exported the reference teacher (`report.baselines`),
+    against the teacher's fastest form there (its ONNX int8: what just quantizing the teacher gives, measured
+    in the same process): the difference of the primary metric, paired over the same eval examples with its
+    95% bootstrap interval, and the ratio of decode speeds. Empty when no stage measured a baseline."""
+    rows = []
+    for stage in dict.fromkeys(r.get("stage") for r in records):
+        here = [r for r in records if r.get("stage") == stage]
+        bases = [r for r in here if kind(r) == "baseline" and r.get("decode_tok_s")]
+        if not bases:
+            continue
+        base = max(bases, key=lambda r: r["decode_tok_s"])
+        for s in (r for r in here if r.get("role") == "student" and r.get("backend") == base.get("backend")):
+            metric = s.get("metric", "accuracy")
+            score, base_score = s.get(metric), base.get(metric)
+            paired = s.get("example_scores") and base.get("example_scores") and \
+                len(s["example_scores"]) == len(base["example_scores"])
+            drop, (low, high) = (stats.drop_ci(base["example_scores"], s["example_scores"]) if paired
+                                 else (None, (None, None)))
+            rows.append({"student": s, "baseline": base, "metric": metric,
+                         "difference": None if score is None or base_score is None else score - base_score,
+                         "difference_ci": None if drop is None else [-high, -low],
+                         "speed_ratio": ratio(s.get("decode_tok_s"), base["decode_tok_s"])})
+    return rows
+
+
+def baseline_section(records: list[dict]) -> list[str]:
+    """`## Distil, or just quantize the teacher?`: `against_baseline` as a table, and `verdict`."""
+    rows = against_baseline(records)
+    if not rows:
+        return []
+    base, metric = rows[0]["baseline"], rows[0]["metric"]
+    lines = ["## Distil, or just quantize the teacher?", "",
+             f"Against `{_form(base)}`, the reference teacher exported the same way and measured in the same stage "
+             f"({metric} {_fmt(base.get(metric), '{:.3f}')}, {_fmt(base.get('decode_tok_s'), '{:.1f}')} tok/s). "
+             "Differences are paired over the same eval examples; in brackets their 95% bootstrap interval.", "",
+             f"| student form | {metric} | minus the teacher's | decode tok/s | x the teacher's |",
+             "|---|---|---|---|---|"]
+    for r in rows:
+        s = r["student"]
+        lines.append(f"| {_form(s)} | {_fmt(s.get(metric), '{:.3f}')} | {_difference(r)} | "
+                     f"{_fmt(s.get('decode_tok_s'), '{:.1f}')} | {_fmt(r['speed_ratio'], '{:.2f}x')} |")
+    line = verdict(rows)
+    return lines + ([""] + [line] if line else []) + [""]
+
+
+def verdict(rows: list[dict]) -> str | None:
+    """One sentence on the fastest student form against the teacher's (`against_baseline` rows)."""
+    fast = max((r for r in rows if r["speed_ratio"]), key=lambda r: r["speed_ratio"], default=None)
+    if fast is None:
+        return None
+    ci = fast["difference_ci"]
+    what = ("" if ci is None else " (no measured loss: the interval holds 0)" if ci[0] <= 0 <= ci[1] else
+            " (a measured loss: the interval is below 0)" if ci[1] < 0 else " (a measured gain)")
+    return (f"The fastest student form, {_form(fast['student'])}, decodes {fast['speed_ratio']:.2f}x as fast as "
+            f"{_form(fast['baseline'])} (the teacher, just quantized) for {_difference(fast)} {fast['metric']}{what}.")
+
+
+def _form(r: dict) -> str:
+    return f"{r.get('model')} ({r.get('variant')})" if r.get("variant") else str(r.get("model"))
+
+
+def _difference(row: dict) -> str:
+    d, ci = row["difference"], row["difference_ci"]
+    if d is None:
+        return "-"
+    return f"{d:+.3f}" + ("" if ci is None else f" [{ci[0]:+.3f}, {ci[1]:+.3f}]")
 
 
 def _interval_note(res: dict) -> list[str]:

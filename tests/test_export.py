@@ -67,6 +67,32 @@ def test_the_reference_teacher_is_exported_and_measured_as_a_baseline(exported, 
     assert not [r for r in records if r["role"] == "teacher" and r["backend"] == "onnxruntime"]
 
 
+def test_the_report_sets_each_student_form_against_the_quantized_teacher(exported):
+    """report.md's `Distil, or just quantize the teacher?`: every exported student form against the teacher's
+    fastest export of the same stage (its int8), the difference paired over the same examples with an interval
+    that holds it, the speed ratio; the run's last lines say the same of the fastest form."""
+    from compress import stats
+    from compress.report import against_baseline
+
+    run, proc = exported
+    records = json.loads((run / "results.json").read_text())["records"]
+    rows = against_baseline(records)
+    base = next(r for r in records if r["role"] == "teacher" and r["variant"] == "onnx-int8")
+    assert [r["student"]["variant"] for r in rows] == ["onnx-fp32", "onnx-int8", "onnx-int4"]
+    for r in rows:
+        s = r["student"]
+        assert r["baseline"] == base
+        assert r["difference"] == pytest.approx(s["accuracy"] - base["accuracy"])
+        drop, (low, high) = stats.drop_ci(base["example_scores"], s["example_scores"])
+        assert r["difference_ci"] == pytest.approx([-high, -low]) and low <= drop <= high
+        assert r["speed_ratio"] == pytest.approx(s["decode_tok_s"] / base["decode_tok_s"])
+    md = (run / "report.md").read_text()
+    assert "## Distil, or just quantize the teacher?" in md and "| tiny-random (onnx-int4) |" in md
+    fastest = max(rows, key=lambda r: r["speed_ratio"])["student"]["variant"]
+    assert f"The fastest student form, tiny-random ({fastest}), decodes" in " ".join(proc.stderr.split())
+    assert not against_baseline([r for r in records if r["role"] != "teacher"])  # no baseline, no section
+
+
 def test_bench_runs_an_exported_folder_through_onnxruntime(exported, tmp_path):
     run, _ = exported
     out = tmp_path / "bench.json"
