@@ -256,9 +256,9 @@ def markdown(run_dir: Path, res: dict, png_name: str) -> str:
 
 def against_baseline(records: list[dict]) -> list[dict]:
     """Each student form exported in a stage that also exported the reference teacher (`report.baselines`),
-    against the teacher's fastest form there (its ONNX int8: what just quantizing the teacher gives, measured
-    in the same process): the difference of the primary metric, paired over the same eval examples with its
-    95% bootstrap interval, and the ratio of decode speeds. Empty when no stage measured a baseline."""
+    against the teacher's fastest form there (on real models its ONNX int8: what just quantizing the teacher
+    gives; measured in the same process): the difference of the primary metric, paired over the same eval
+    examples with its 95% bootstrap interval, and the ratio of decode speeds. Empty when no stage measured one."""
     rows = []
     for stage in dict.fromkeys(r.get("stage") for r in records):
         here = [r for r in records if r.get("stage") == stage]
@@ -287,7 +287,7 @@ def baseline_section(records: list[dict]) -> list[str]:
         return []
     base, metric = rows[0]["baseline"], rows[0]["metric"]
     lines = ["## Distil, or just quantize the teacher?", "",
-             f"Against `{_form(base)}`, the reference teacher exported the same way and measured in the same stage "
+             f"Against `{_form(base)}`, the reference teacher's fastest export, measured in the same stage "
              f"({metric} {_fmt(base.get(metric), '{:.3f}')}, {_fmt(base.get('decode_tok_s'), '{:.1f}')} tok/s). "
              "Differences are paired over the same eval examples; in brackets their 95% bootstrap interval.", "",
              f"| student form | {metric} | minus the teacher's | decode tok/s | x the teacher's |",
@@ -308,8 +308,8 @@ def verdict(rows: list[dict]) -> str | None:
     ci = fast["difference_ci"]
     what = ("" if ci is None else " (no measured loss: the interval holds 0)" if ci[0] <= 0 <= ci[1] else
             " (a measured loss: the interval is below 0)" if ci[1] < 0 else " (a measured gain)")
-    return (f"The fastest student form, {_form(fast['student'])}, decodes {fast['speed_ratio']:.2f}x as fast as "
-            f"{_form(fast['baseline'])} (the teacher, just quantized) for {_difference(fast)} {fast['metric']}{what}.")
+    return (f"The fastest student form, {_form(fast['student'])}, decodes {fast['speed_ratio']:.2f}x as fast as the "
+            f"teacher's fastest export, {_form(fast['baseline'])}, for {_difference(fast)} {fast['metric']}{what}.")
 
 
 def _form(r: dict) -> str:

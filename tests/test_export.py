@@ -69,15 +69,17 @@ def test_the_reference_teacher_is_exported_and_measured_as_a_baseline(exported, 
 
 def test_the_report_sets_each_student_form_against_the_quantized_teacher(exported):
     """report.md's `Distil, or just quantize the teacher?`: every exported student form against the teacher's
-    fastest export of the same stage (its int8), the difference paired over the same examples with an interval
-    that holds it, the speed ratio; the run's last lines say the same of the fastest form."""
+    fastest export of the same stage (int8 on real models; a tiny model's fp32 may be faster), the difference
+    paired over the same examples with an interval that holds it, the speed ratio; the run's last lines say
+    the same of the fastest student form."""
     from compress import stats
     from compress.report import against_baseline
 
     run, proc = exported
     records = json.loads((run / "results.json").read_text())["records"]
     rows = against_baseline(records)
-    base = next(r for r in records if r["role"] == "teacher" and r["variant"] == "onnx-int8")
+    base = max((r for r in records if r["role"] == "teacher" and r["backend"] == "onnxruntime"),
+               key=lambda r: r["decode_tok_s"])
     assert [r["student"]["variant"] for r in rows] == ["onnx-fp32", "onnx-int8", "onnx-int4"]
     for r in rows:
         s = r["student"]
