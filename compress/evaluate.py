@@ -93,12 +93,13 @@ def pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]
 
 
 def choice_logprobs(logits_fn: LogitsFn, requests: list[Request], batch_size: int, pad_id: int,
-                    desc: str = "scoring") -> torch.Tensor:
+                    desc: str = "scoring", on_rows=None) -> torch.Tensor:
     """Summed log-probability of every continuation given its context: (N, C) float32, C the most
     choices of any request; a request with fewer choices has -inf in its columns past them.
 
     When every continuation is one token, one forward of the context scores all choices;
-    otherwise each (context + continuation) is scored separately.
+    otherwise each (context + continuation) is scored separately. `on_rows(i, j, logits)`, if given,
+    receives the logits (L, V) that predict the L tokens of continuation j of request i.
     """
     n, c = len(requests), max(len(conts) for _, conts in requests)
     single = all(len(cont) == 1 for _, conts in requests for cont in conts)
@@ -121,25 +122,29 @@ def choice_logprobs(logits_fn: LogitsFn, requests: list[Request], batch_size: in
                 if single:
                     logp = torch.log_softmax(logits[b, col[len(ctx) - 1]].float(), dim=-1)  # (V,)
                     scores[i, : len(conts)] = torch.stack([logp[cont[0]] for cont in conts]).cpu()
+                    for k in range(len(conts) if on_rows else 0):
+                        on_rows(i, k, logits[b, col[len(ctx) - 1]][None])  # (1, V): the same row for every choice
                 else:
                     cont = conts[j]
                     rows = logits[b, [col[p] for p in range(len(ctx) - 1, len(seq) - 1)]].float()  # (L, V)
                     logp = torch.log_softmax(rows, dim=-1)
                     scores[i, j] = logp.gather(1, torch.tensor(cont, device=logp.device)[:, None]).sum().cpu()
+                    if on_rows:
+                        on_rows(i, j, rows)
             bar.advance(task, len(batch))
     return scores
 
 
 def score_accuracy(logits_fn: LogitsFn, tokenizer, splits, data_cfg, batch_size: int,
-                   desc: str = "accuracy") -> dict:
+                   desc: str = "accuracy", on_rows=None) -> dict:
     """Predictions (label names: each example's chosen choice) on the eval split, and accuracy against
     the gold labels, with each example's score (`per_example`: 1 right, 0 wrong). Each example is scored
-    over its own choices (`splits.continuations`)."""
+    over its own choices (`splits.continuations`); `on_rows` as in `choice_logprobs`."""
     chat = bool(data_cfg.use_chat_template and getattr(tokenizer, "chat_template", None))
     prompts = [build_prompt(tokenizer, e.text, data_cfg) for e in splits.eval]
     choices = [splits.continuations(e) for e in splits.eval]  # per example: choice -> continuation
     requests = encode_requests(tokenizer, prompts, [list(c.values()) for c in choices], chat)
-    scores = choice_logprobs(logits_fn, requests, batch_size, tokenizer.pad_token_id, desc)  # (N, C), -inf padded
+    scores = choice_logprobs(logits_fn, requests, batch_size, tokenizer.pad_token_id, desc, on_rows)  # (N, C)
     predictions = [list(c)[k] for c, k in zip(choices, scores.argmax(dim=1).tolist())]
     right = [int(p == e.label) for p, e in zip(predictions, splits.eval)]
     return {"accuracy": sum(right) / len(right), "predictions": predictions, "per_example": {"accuracy": right}}

@@ -67,13 +67,24 @@ class StepBatches:
     (seed, p). Micro-batch n is the n-th slice of `batch_size * world` indices of that stream,
     and rank r takes the r-th part of it. So a run resumed at any step, or split over several
     processes with the same global batch, sees the same examples at the same step.
+    With `lengths`, the stream is cut into groups of `GROUP` global batches; within a group the
+    examples are sorted by length before they are sliced into batches, and the batches are
+    shuffled (seeded with (seed, group)): every batch is still drawn at random from the data, but
+    holds examples of similar length, so less of it is padding (Rotten Tomatoes: 1.2x fewer tokens
+    per step).
     `where()` gives (micro-batches already trained, rank, world size) when iteration starts,
     i.e. after Lightning has restored a checkpoint.
     """
 
-    def __init__(self, n_items: int, batch_size: int, total: int, seed: int, where):
+    GROUP = 32
+    """Global batches per length group: enough to find similar lengths, few enough that a group is a
+    small part of a pass and the order stays random."""
+
+    def __init__(self, n_items: int, batch_size: int, total: int, seed: int, where, lengths=None):
         self.n, self.batch_size, self.total, self.seed, self.where = n_items, batch_size, total, seed, where
+        self.lengths = lengths
         self._perms: dict[int, list[int]] = {}
+        self._groups: dict[int, list[list[int]]] = {}
 
     def __len__(self) -> int:
         return self.total
@@ -84,22 +95,36 @@ class StepBatches:
             self._perms = {p: torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 7919 + p)).tolist()}
         return self._perms[p][i]
 
+    def _global_batch(self, n: int, width: int) -> list[int]:
+        """The indices of global micro-batch n (`width` = batch_size * world)."""
+        if self.lengths is None:
+            return [self._index(j) for j in range(n * width, (n + 1) * width)]
+        g, k = divmod(n, self.GROUP)
+        if g not in self._groups:
+            size = min(self.GROUP, self.total - g * self.GROUP)  # the last group ends with training
+            stream = [self._index(j) for j in range(g * self.GROUP * width, (g * self.GROUP + size) * width)]
+            stream.sort(key=lambda i: self.lengths[i])
+            batches = [stream[b * width: (b + 1) * width] for b in range(size)]
+            order = torch.randperm(size, generator=torch.Generator().manual_seed(self.seed * 7919 + 104729 + g))
+            self._groups = {g: [batches[i] for i in order.tolist()]}
+        return self._groups[g][k]
+
     def __iter__(self):
         start, rank, world = self.where()
-        width = self.batch_size * world  # the global micro-batch
         for n in range(start, self.total):
-            first = n * width + rank * self.batch_size
-            yield [self._index(j) for j in range(first, first + self.batch_size)]
+            batch = self._global_batch(n, self.batch_size * world)
+            yield batch[rank * self.batch_size: (rank + 1) * self.batch_size]
 
 
 def step_loader(items: list[dict], batch_size: int, pad_id: int, seed: int, trainer):
-    """Training batches for `trainer`: deterministic per step, resumable, sharded over ranks."""
+    """Training batches for `trainer`: deterministic per step, resumable, sharded over ranks, grouped by length."""
     accum = trainer.accumulate_grad_batches
 
     def where():
         return trainer.global_step * accum, trainer.global_rank, trainer.world_size
 
-    sampler = StepBatches(len(items), batch_size, trainer.max_steps * accum, seed, where)
+    lengths = [len(it["input_ids"]) for it in items]
+    sampler = StepBatches(len(items), batch_size, trainer.max_steps * accum, seed, where, lengths)
     # its own generator: iter() draws a worker seed, which must not move the global RNG (dropout)
     return torch.utils.data.DataLoader(items, batch_sampler=sampler, collate_fn=collate(pad_id),
                                        generator=torch.Generator().manual_seed(seed))
@@ -111,9 +136,15 @@ def loader(items: list[dict], batch_size: int, pad_id: int, shuffle: bool, seed:
                                        generator=gen if shuffle else None)
 
 
-def optimizer_and_schedule(params, ocfg) -> dict:
-    """AdamW, linear warm-up, then cosine / linear / constant: Lightning's optimizer dict."""
-    opt = torch.optim.AdamW([p for p in params if p.requires_grad], lr=ocfg.lr, weight_decay=ocfg.weight_decay)
+def optimizer_and_schedule(params, ocfg, trainer=None) -> dict:
+    """AdamW, linear warm-up, then cosine / linear / constant: Lightning's optimizer dict.
+
+    AdamW is fused (one kernel per tensor instead of a dozen: a distillation step 1.12x faster on a CPU)
+    where `make_trainer` clips the gradients itself (`trainer.compress_fused`)."""
+    params = [p for p in params if p.requires_grad]
+    fused = getattr(trainer, "compress_fused", False) and all(
+        p.device.type in ("cpu", "cuda") and p.dtype in (torch.float32, torch.bfloat16, torch.float16) for p in params)
+    opt = torch.optim.AdamW(params, lr=ocfg.lr, weight_decay=ocfg.weight_decay, fused=fused or None)
     warm, total = max(0, ocfg.warmup_steps), max(1, ocfg.max_steps)
 
     def factor(step: int) -> float:
@@ -146,6 +177,19 @@ def precision(tcfg, cpu_bf16: bool = False) -> str:
 def cpu_has_bf16() -> bool:
     """Whether this CPU multiplies bf16 natively; elsewhere bf16 autocast is emulated and slower than fp32."""
     return any(getattr(torch.cpu, f, lambda: False)() for f in ("_is_amx_tile_supported", "_is_avx512_bf16_supported"))
+
+
+def train_attention(model, model_cfg, trainer) -> None:
+    """Eager attention for bf16 training on a CPU, unless `<role>.attn_implementation` names one.
+
+    PyTorch's fused SDPA kernel for the CPU has a slow bf16 backward pass: it took 27% of a distillation
+    step. Under bf16 autocast eager attention made a distillation step 1.17x faster (0.955 against 1.116 s,
+    40 steps, Lightning) and a QLoRA step 1.06-1.29x (two probes); in fp32, SDPA is the faster one.
+    Only the running model changes: the saved config names no attention implementation.
+    """
+    bf16_cpu = str(trainer.precision).startswith("bf16") and next(model.parameters()).device.type == "cpu"
+    if bf16_cpu and not model_cfg.get("attn_implementation") and model.config._attn_implementation == "sdpa":
+        model.set_attn_implementation("eager")
 
 
 def _devices(value: str):
@@ -300,6 +344,18 @@ class StepProgressBar(RichProgressBar):
                 for c in super().configure_columns(trainer)]
 
 
+class ClipGradNorm(L.Callback):
+    """Clip the global gradient norm before each optimizer step (what `gradient_clip_val` does), for a
+    fused AdamW, which Lightning will not clip under mixed precision."""
+
+    def __init__(self, max_norm: float):
+        self.max_norm = max_norm
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        torch.nn.utils.clip_grad_norm_(params, self.max_norm)
+
+
 def make_trainer(tcfg, ocfg, out: Path, has_val: bool, cpu_bf16: bool = False):
     """A Lightning Trainer from the `trainer` and stage optimisation settings; logs and checkpoints in `out`.
 
@@ -313,19 +369,25 @@ def make_trainer(tcfg, ocfg, out: Path, has_val: bool, cpu_bf16: bool = False):
     from compress import dist
     from compress.artifact import PARTIAL, TRAINING
 
+    args = _lightning_args(tcfg, cpu_bf16)
+    # Lightning refuses to clip for a fused optimizer under mixed precision (an fp16 scaler unscales
+    # inside it); without a scaler, and where every rank holds whole gradients (not FSDP), a callback clips
+    own_clip = bool(ocfg.max_grad_norm) and args["precision"] != "16-mixed" and "fsdp" not in str(args["strategy"])
     ckpt = ModelCheckpoint(dirpath=out / "checkpoints", every_n_train_steps=tcfg.checkpoint_every,
                            save_last=True, save_top_k=1, enable_version_counter=False)
     val = {"val_check_interval": ocfg.val_every * ocfg.grad_accum, "check_val_every_n_epoch": None} \
         if has_val and ocfg.val_every > 0 else {"limit_val_batches": 0}
     trainer = L.Trainer(
-        max_steps=ocfg.max_steps, accumulate_grad_batches=ocfg.grad_accum, **_lightning_args(tcfg, cpu_bf16),
+        max_steps=ocfg.max_steps, accumulate_grad_batches=ocfg.grad_accum, **args,
         use_distributed_sampler=False,  # StepBatches shards
-        gradient_clip_val=ocfg.max_grad_norm or None, log_every_n_steps=tcfg.log_every,
+        gradient_clip_val=None if own_clip else ocfg.max_grad_norm or None, log_every_n_steps=tcfg.log_every,
         enable_progress_bar=tcfg.progress_bar, enable_model_summary=False, num_sanity_val_steps=0,
         logger=CSVLogger(out, name="logs", version=""),
-        callbacks=[ckpt, Resume(), GlobalLoss()] + ([StepProgressBar()] if tcfg.progress_bar else []),
+        callbacks=[ckpt, Resume(), GlobalLoss()] + ([ClipGradNorm(ocfg.max_grad_norm)] if own_clip else [])
+        + ([StepProgressBar()] if tcfg.progress_bar else []),
         default_root_dir=out, **val,
     )
+    trainer.compress_fused = own_clip or not ocfg.max_grad_norm
     if not dist.is_follower() and (out / PARTIAL).exists():
         attempt = json.loads((out / PARTIAL).read_text())["attempt"]
         (out / TRAINING).write_text(json.dumps({"attempt": attempt}))

@@ -7,7 +7,8 @@ loss = soft_weight * D(student, teacher) on the student's tokens (+ the hidden-s
 
 The teacher is frozen and in eval mode, and is not a submodule of the LightningModule:
 it gets no gradients, no optimizer state and no place in checkpoints. Its logits come on
-the fly, or with `distill.topk_cache=K` from a top-K cache computed once into the artifact.
+the fly, or with `distill.topk_cache=K` from a top-K cache computed once into the artifact (on a
+label task with soft labels on the answer only, read off the pass that finds the pseudo-labels).
 Pseudo-labels for the `unlabeled` split are the teacher's most likely verbalizer among each
 example's choices (label tasks) or its greedy continuation (text).
 """
@@ -154,7 +155,7 @@ class DistillModule(L.LightningModule):
             self.log(f"val/{k}", v, prog_bar=k == "pseudo")
 
     def configure_optimizers(self):
-        return training.optimizer_and_schedule(self.student.parameters(), self.dcfg)
+        return training.optimizer_and_schedule(self.student.parameters(), self.dcfg, self._trainer)
 
 
 # --------------------------------------------------------------------------- checks
@@ -199,25 +200,66 @@ def layer_map(student_config, teacher_config, hidden_weight: float) -> list[int]
 # --------------------------------------------------------------------------- pseudo-labels
 
 
-def teacher_answers(teacher, tok, examples: list[Example], splits, cfg) -> list[str]:
+def teacher_answers(teacher, tok, examples: list[Example], splits, cfg, soft_k: int = 0) -> tuple[list[str], dict | None]:
     """Label tasks: the continuation of the most likely of each example's choices (the shared labels or
     its own); generative tasks: the teacher's greedy answer to the prompt (sequence-level KD), ended by a
-    newline; text tasks: the greedy continuation."""
+    newline; text tasks: the greedy continuation.
+
+    With `soft_k` > 0 on a label task, also the teacher's top-K log-probs at each token of the answer it
+    chose (`answer_topk`), read off the same forward passes: the soft labels of `soft_on=answer` at no
+    extra teacher cost. None otherwise."""
     if splits.generative:
         chat = bool(cfg.data.use_chat_template and getattr(tok, "chat_template", None))
         prompts = [build_prompt(tok, e.text, cfg.data) for e in examples]
         gen_fn = torch_generate_fn(teacher, tok.pad_token_id, eos_ids(tok, teacher.generation_config))
         answers = generate_greedy(gen_fn, tok, prompts, chat, cfg.distill.pseudo_max_new_tokens,
                                   cfg.eval.batch_size, "teacher: pseudo-labels (answers)")
-        return [a + ANSWER_END for a in answers]
+        return [a + ANSWER_END for a in answers], None
     if splits.labelled:
         # labels are hidden: scored as an eval split whose accuracy is not read
         unl = Splits(train=[], unlabeled=[], eval=[Example(e.text, None, e.choices) for e in examples],
                      perplexity=[], verbalizers=splits.verbalizers)
+        kept: dict[tuple[int, int], tuple] = {}
+
+        def keep(i: int, j: int, rows: torch.Tensor) -> None:  # rows (L, V): the logits of choice j's tokens
+            kept[i, j] = tuple(t[0].cpu() for t in losses.teacher_topk(rows[None], soft_k, cfg.distill.temperature))
+
         preds = score_accuracy(torch_logits_fn(teacher), tok, unl, cfg.data, cfg.eval.batch_size,
-                               "teacher: pseudo-labels")["predictions"]
-        return [splits.continuations(e)[p] for e, p in zip(examples, preds)]
-    return continue_greedy(teacher, tok, [e.text for e in examples], cfg.distill.pseudo_max_new_tokens)
+                               "teacher: pseudo-labels", on_rows=keep if soft_k else None)["predictions"]
+        answers = [splits.continuations(e)[p] for e, p in zip(examples, preds)]
+        if not soft_k:
+            return answers, None
+        chosen = [list(splits.continuations(e)).index(p) for e, p in zip(examples, preds)]
+        return answers, stack_answer_topk([kept[i, j] for i, j in enumerate(chosen)])
+    return continue_greedy(teacher, tok, [e.text for e in examples], cfg.distill.pseudo_max_new_tokens), None
+
+
+def stack_answer_topk(rows: list[tuple]) -> dict:
+    """Per example (values (L, K), indices (L, K), tail (L,)) -> padded tensors: values (N, A, K) fp16,
+    indices (N, A, K) int32, tail (N, A) fp32 (-inf past an answer's L tokens), lengths (N,)."""
+    n, a, k = len(rows), max(len(r[2]) for r in rows), rows[0][0].shape[-1]
+    out = {"values": torch.zeros(n, a, k, dtype=torch.float16), "indices": torch.zeros(n, a, k, dtype=torch.int32),
+           "tail": torch.full((n, a), float("-inf")), "lengths": torch.tensor([len(r[2]) for r in rows])}
+    for i, (v, ix, t) in enumerate(rows):
+        out["values"][i, : len(t)], out["indices"][i, : len(t)], out["tail"][i, : len(t)] = v, ix, t.float()
+    return out
+
+
+def expand_answer_topk(answer_topk: dict, items: list[dict]) -> dict:
+    """The answer-only cache laid out as `build_topk_cache`'s (N, T-1, K), rows at each item's answer
+    positions (position t predicts token t+1), so that training reads either alike.
+    `items` are the training items in the order the cache was built (one per scored example)."""
+    width, k = max(len(it["input_ids"]) for it in items) - 1, answer_topk["values"].shape[-1]
+    values = torch.zeros(len(items), width, k, dtype=torch.float16)  # (N, T-1, K)
+    indices = torch.zeros(len(items), width, k, dtype=torch.int32)
+    tail = torch.full((len(items), width), float("-inf"))  # (N, T-1)
+    for i, it in enumerate(items):
+        at = it["answer_mask"][1:].nonzero().flatten()  # (L,)
+        n = int(answer_topk["lengths"][i])
+        if len(at) != n:
+            raise ValueError(f"item {i}: {len(at)} answer tokens, but the teacher's cache holds {n}")
+        values[i, at], indices[i, at], tail[i, at] = (answer_topk[key][i, :n] for key in ("values", "indices", "tail"))
+    return {"values": values, "indices": indices, "tail": tail}
 
 
 @torch.inference_mode()

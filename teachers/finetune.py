@@ -52,7 +52,7 @@ class FinetuneModule(L.LightningModule):
         self.log("val/loss", self._loss(batch), prog_bar=True)
 
     def configure_optimizers(self):
-        return training.optimizer_and_schedule(self.model.parameters(), self.ocfg)
+        return training.optimizer_and_schedule(self.model.parameters(), self.ocfg, self._trainer)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         trainable = {n for n, p in self.named_parameters() if p.requires_grad}

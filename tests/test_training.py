@@ -115,6 +115,42 @@ def test_topk_cache_trains_without_the_teacher(tmp_path):
     assert (tmp_path / "K" / "02_distill" / "teacher_topk.safetensors").is_file()
 
 
+def test_answer_topk_comes_with_the_pseudo_labels_and_trains_without_the_teacher(tmp_path):
+    proc = cli("run", *QUICK, "pipeline.stages=[evaluate,finetune_teacher,distill]", "distill.topk_cache=8",
+               "distill.soft_on=answer", f"run.root={tmp_path}", "run.name=A")
+    assert proc.returncode == 0, proc.stderr
+    stage = tmp_path / "A" / "02_distill"
+    assert (stage / "teacher_answer_topk.safetensors").is_file()
+    assert not (stage / "teacher_topk.safetensors").exists()  # no second teacher pass
+
+
+def test_answer_topk_equals_the_full_cache_at_the_answer_tokens(tiny_cfg, tiny_teacher, tmp_path):
+    """The top-K read off the scoring pass (right-padded, one forward per choice: the byte tokenizer makes
+    each verbalizer several tokens) equals the top-K of a forward of prompt + chosen answer."""
+    from compress import training
+    from compress.data import load_splits
+    from students import distill
+
+    _, teacher, tok = tiny_teacher
+    splits = load_splits(tiny_cfg.data)
+    examples = splits.unlabeled[:12]
+    answers, cache = distill.teacher_answers(teacher, tok, examples, splits, tiny_cfg, soft_k=5)
+    assert max(cache["lengths"].tolist()) > 1  # multi-token answers
+    items = training.encode_examples(tok, tiny_cfg.data, [e.text for e in examples], answers, 512, [1] * 12)
+    for i, it in enumerate(items):
+        it["index"] = i
+    got = distill.expand_answer_topk(cache, items)
+    full = distill.build_topk_cache(teacher, items, 5, tiny_cfg.distill.temperature, 4, tok.pad_token_id, tmp_path)
+    for i, it in enumerate(items):
+        at = it["answer_mask"][1:]  # (T-1,) at the item's own length
+        w = len(at)
+        assert torch.equal(got["indices"][i, :w][at], full["indices"][i, :w][at])
+        torch.testing.assert_close(got["values"][i, :w][at].float(), full["values"][i, :w][at].float(),
+                                   atol=2e-3, rtol=2e-3)
+        torch.testing.assert_close(got["tail"][i, :w][at], full["tail"][i, :w][at], atol=2e-3, rtol=2e-3)
+        assert torch.isinf(got["tail"][i][~torch.nn.functional.pad(at, (0, got["tail"].shape[1] - w))]).all()
+
+
 def test_teacher_is_frozen_and_outside_the_module(tiny_teacher):
     from students.distill import DistillModule
 
@@ -353,3 +389,72 @@ def test_auto_layers_through_the_stages(tmp_path):
     assert "student layers by importance" in proc.stdout + proc.stderr
     config = json.loads((tmp_path / "A" / "01_distill" / "model" / "config.json").read_text())
     assert config["num_hidden_layers"] == 1 and len(config["compress_kept_layers"]) == 1
+
+
+def test_length_grouped_batches_cover_each_pass_once_and_cut_padding():
+    """StepBatches with lengths: one pass still shows every example once, a resumed or sharded run
+    sees the same batches, and a batch holds examples of similar length."""
+    from compress.training import StepBatches
+
+    gen = torch.Generator().manual_seed(0)
+    lengths = torch.randint(20, 120, (1000,), generator=gen).tolist()
+    n_steps, bs = 125, 8  # 125 x 8 = one pass over the 1000 examples, ending inside a group
+
+    def batches(lengths, start=0, rank=0, world=1, size=bs):
+        return list(StepBatches(1000, size, n_steps, seed=3, where=lambda: (start, rank, world), lengths=lengths))
+
+    grouped, plain = batches(lengths), batches(None)
+    assert sorted(i for b in grouped for i in b) == list(range(1000))
+    assert batches(lengths, start=50) == grouped[50:]  # resumed at step 50
+    halves = zip(batches(lengths, rank=0, world=2, size=4), batches(lengths, rank=1, world=2, size=4))
+    assert [a + b for a, b in halves] == grouped  # two ranks of 4 = one process of 8
+
+    def padded(bs_):  # tokens a step computes over the tokens it holds
+        return sum(max(lengths[i] for i in b) * len(b) for b in bs_) / sum(lengths[i] for b in bs_ for i in b)
+
+    assert padded(grouped) < 1.05 < 1.2 < padded(plain)
+    assert grouped[:5] != sorted(grouped[:5], key=lambda b: lengths[b[0]])  # batches come in random order
+
+
+def test_fused_adamw_is_clipped_by_the_callback_as_lightning_would():
+    """Under bf16 autocast Lightning will not clip a fused AdamW; make_trainer clips with a callback
+    instead, to the same global norm."""
+    from pathlib import Path
+
+    from compress import training
+
+    cfg = load_config([])
+    trainer = training.make_trainer(cfg.trainer, cfg.distill, Path("/nonexistent-never-written"), False,
+                                    cpu_bf16=True)
+    assert trainer.gradient_clip_val is None and trainer.compress_fused
+    assert any(isinstance(c, training.ClipGradNorm) for c in trainer.callbacks)
+    params = [torch.nn.Parameter(torch.zeros(3, 4)), torch.nn.Parameter(torch.zeros(5))]
+    opt = training.optimizer_and_schedule(params, cfg.distill, trainer)["optimizer"]
+    assert opt.defaults["fused"] is True
+    params[0].grad, params[1].grad = torch.full((3, 4), 3.0), torch.full((5,), -4.0)
+    scale = cfg.distill.max_grad_norm / (12 * 9 + 5 * 16) ** 0.5  # max norm / global norm
+    expected = [torch.full((3, 4), 3.0 * scale, dtype=torch.float64), torch.full((5,), -4.0 * scale, dtype=torch.float64)]
+    training.ClipGradNorm(cfg.distill.max_grad_norm).on_before_optimizer_step(trainer, None, opt)
+    for p, e in zip(params, expected):
+        torch.testing.assert_close(p.grad.double(), e, rtol=1e-6, atol=0)
+
+
+def test_training_attention_is_eager_under_bf16_on_a_cpu_only(tiny_cfg, tmp_path):
+    """SDPA's bf16 backward is slow on a CPU: bf16 training switches the running model to eager attention,
+    fp32 training and a user's own choice keep theirs, and the saved model names none."""
+    import lightning as L
+    from omegaconf import OmegaConf
+
+    from compress import training
+
+    folder = loading.resolve(tiny_cfg.student, "student")
+    for precision, own, expected in (("bf16-mixed", None, "eager"), ("32-true", None, "sdpa"),
+                                     ("bf16-mixed", "sdpa", "sdpa")):
+        model, _ = loading.load(folder, tiny_cfg.student, "student")
+        model.set_attn_implementation("sdpa")
+        trainer = L.Trainer(accelerator="cpu", precision=precision, logger=False, enable_progress_bar=False)
+        training.train_attention(model, OmegaConf.create({"attn_implementation": own}), trainer)
+        assert model.config._attn_implementation == expected, (precision, own)
+    model.set_attn_implementation("eager")
+    model.save_pretrained(tmp_path / "saved")
+    assert "attn_implementation" not in (tmp_path / "saved" / "config.json").read_text()

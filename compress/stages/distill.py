@@ -5,7 +5,8 @@ The student starts as `student` describes it (by default cut from the current, i
 teacher's layers). It trains on the teacher's pseudo-labels for the `unlabeled` split (and the gold
 labels of `train` when `distill.hard_weight > 0`) with the loss of `students/distill.py`:
     soft_weight * KD_T + pseudo_weight * CE(pseudo) + hard_weight * CE(gold) + hidden_weight * (1 - cos)
-Artifact: `model/`, `pseudo_labels.jsonl`, `teacher_topk.safetensors` (with `distill.topk_cache`),
+Artifact: `model/`, `pseudo_labels.jsonl`, `teacher_topk.safetensors` (with `distill.topk_cache`; on a label
+task with `soft_on=answer`, `teacher_answer_topk.safetensors`, read off the pseudo-labelling pass),
 `logs/metrics.csv`. Pseudo-labels are also cached in `<run>/cache/`, so a rerun with other loss
 settings reuses them.
 """
@@ -126,7 +127,8 @@ def train(cfg, d, teacher_dir: Path, student_dir: Path, splits, out: Path) -> di
     distill.check_tokenizers(t_tok, s_tok, d.soft_weight)
     if cfg.data.synthetic_unlabeled > 0 and (d.pseudo_weight > 0 or d.soft_weight > 0):
         splits = with_written_inputs(teacher, t_tok, teacher_dir, splits, cfg, out)
-    answers = pseudo_labels(teacher, t_tok, teacher_dir, splits, cfg, out)
+    soft_k = d.topk_cache if answer_soft_labels(d, splits) else 0
+    answers, answer_topk = pseudo_labels(teacher, t_tok, teacher_dir, splits, cfg, out, soft_k)
 
     texts, targets, kinds = [], [], []
     if d.hard_weight > 0:
@@ -145,7 +147,9 @@ def train(cfg, d, teacher_dir: Path, student_dir: Path, splits, out: Path) -> di
         it["index"] = i
     n_val = min(d.val_size, len(items) // 5) if d.val_every > 0 else 0
     topk = None
-    if d.topk_cache > 0 and d.soft_weight > 0:
+    if answer_topk is not None:  # the soft labels came with the pseudo-labels: item i is unlabeled example i
+        topk, teacher = distill.expand_answer_topk(answer_topk, items), None
+    elif d.topk_cache > 0 and d.soft_weight > 0:
         topk = topk_cache(teacher, items, d, cfg.eval.batch_size, s_tok.pad_token_id, out)
         teacher = None  # training reads the cache only
     student.config.use_cache = False
@@ -155,6 +159,7 @@ def train(cfg, d, teacher_dir: Path, student_dir: Path, splits, out: Path) -> di
                                    eos_ids(s_tok, student.generation_config))
     # bf16 autocast on a CPU with AMX / AVX512-BF16: 1.7x faster steps, same accuracy (README, measured)
     trainer = training.make_trainer(cfg.trainer, d, out, has_val=n_val > 0, cpu_bf16=True)
+    training.train_attention(student, cfg.student, trainer)
     n_all = sum(p.numel() for p in student.parameters()) / 1e6
     n_trained = sum(p.numel() for p in student.parameters() if p.requires_grad) / 1e6
     say(f"  distilling into {cfg.student.name} ({n_all:.1f} M params, {n_trained:.1f} M trained) for "
@@ -170,6 +175,14 @@ def train(cfg, d, teacher_dir: Path, student_dir: Path, splits, out: Path) -> di
     return {"pseudo_labels": len(answers), "train_items": len(items) - n_val,
             "written_inputs": sum(1 for e in splits.unlabeled if e.group == WRITTEN),
             "topk_bytes_per_token": distill.topk_bytes_per_token(d.topk_cache) if topk is not None else None}
+
+
+def answer_soft_labels(d, splits) -> bool:
+    """Whether the top-K cache comes with the pseudo-labels (one teacher pass instead of two): a label
+    task, soft labels on the answer only, trained on the teacher's answers alone (no gold items, whose
+    answers the teacher does not score)."""
+    return (d.topk_cache > 0 and d.soft_weight > 0 and d.soft_on == "answer" and d.hard_weight == 0
+            and splits.labelled and not splits.generative)
 
 
 def topk_cache(teacher, items: list[dict], d, batch_size: int, pad_id: int, out: Path) -> dict:
@@ -242,39 +255,46 @@ def with_written_inputs(teacher, tok, teacher_dir: Path, splits, cfg, out: Path)
     return replace(splits, unlabeled=splits.unlabeled + written)
 
 
-def pseudo_labels(teacher, tok, teacher_dir: Path, splits, cfg, out: Path) -> list[str]:
-    """The teacher's answers for the `unlabeled` split, written to `out/pseudo_labels.jsonl`.
+def pseudo_labels(teacher, tok, teacher_dir: Path, splits, cfg, out: Path, soft_k: int = 0) -> tuple[list[str], dict | None]:
+    """The teacher's answers for the `unlabeled` split, written to `out/pseudo_labels.jsonl`; with
+    `soft_k` > 0 also its top-K log-probs on each answer token (`out/teacher_answer_topk.safetensors`).
 
-    A copy is kept in the run's `cache/` folder, keyed by the teacher folder, the texts, the
-    verbalizers (and each example's own choices, if any) and the precision, so a rerun of this stage
-    (other weights, temperature, steps) reuses them. The teacher runs in the precision distillation
-    trains in: under bf16 autocast on a bf16 CPU it labels 1.75x faster, and 99.1% of its labels equal
-    fp32's (800 reviews, SmolLM2).
+    A copy is kept in the run's `cache/` folder, keyed by the teacher folder, the texts, the prompt, the
+    verbalizers (and each example's own choices, if any) and the precision (and K and the temperature of
+    the top-K file), so a rerun of this stage (other weights, steps) or the recovery after pruning reuses
+    them. The teacher runs in the precision distillation trains in: under bf16 autocast on a bf16 CPU it
+    labels 1.75x faster, and 99.1% of its labels equal fp32's (800 reviews, SmolLM2).
     """
+    from safetensors.torch import load_file, save_file
+
     bf16 = training.precision(cfg.trainer, cpu_bf16=True).startswith("bf16")
     parts = [loading.folder_fingerprint(teacher_dir), [e.text for e in splits.unlabeled], splits.verbalizers,
-             cfg.distill.pseudo_max_new_tokens, bf16]
-    if any(e.choices is not None for e in splits.unlabeled):  # shared labels keep their key (and cache)
+             cfg.distill.pseudo_max_new_tokens, bf16,
+             [cfg.data.instruction, cfg.data.answer_prefix, cfg.data.use_chat_template]]  # the prompt answered
+    if any(e.choices is not None for e in splits.unlabeled):
         parts.append([e.choices for e in splits.unlabeled])
-    if splits.generative:  # the prompt is what the teacher answers
-        parts.append([cfg.data.instruction, cfg.data.answer_prefix, cfg.data.use_chat_template])
     key = text_hash(json.dumps(parts))[:16]
     cached = out.parent / "cache" / f"pseudo_labels-{key}.jsonl"
-    if cached.exists():
-        if not (out / "pseudo_labels.jsonl").exists():  # a resumed stage (or another rank) has it already
-            shutil.copy2(cached, out / "pseudo_labels.jsonl")
+    cached_topk = cached.with_name(f"answer_topk-{key}-k{soft_k}-t{cfg.distill.temperature}.safetensors")
+    if cached.exists() and (not soft_k or cached_topk.exists()):
+        for src, name in ((cached, "pseudo_labels.jsonl"), (cached_topk, "teacher_answer_topk.safetensors")):
+            if src.exists() and not (out / name).exists():  # a resumed stage (or another rank) has it already
+                shutil.copy2(src, out / name)
         rows = [json.loads(line) for line in cached.read_text().splitlines()]
-        say(f"  pseudo-labels: reused {len(rows)} from {cached}")
-        return [r["answer"] for r in rows]
+        say(f"  pseudo-labels: reused {len(rows)} from {cached}" + (" (with the teacher's top-K)" if soft_k else ""))
+        return [r["answer"] for r in rows], load_file(cached_topk) if soft_k else None
     texts = [e.text for e in splits.unlabeled]
     device = next(teacher.parameters()).device.type
     with torch.autocast(device, dtype=torch.bfloat16, enabled=bf16):
-        answers = distill.teacher_answers(teacher, tok, splits.unlabeled, splits, cfg)
+        answers, answer_topk = distill.teacher_answers(teacher, tok, splits.unlabeled, splits, cfg, soft_k)
     with open(out / "pseudo_labels.jsonl", "w") as f:
         for t, a in zip(texts, answers):
             f.write(json.dumps({"text": t, "answer": a}) + "\n")
     cached.parent.mkdir(exist_ok=True)
-    shutil.copy2(out / "pseudo_labels.jsonl", cached)
-    return answers
-
-
+    if answer_topk is not None:
+        save_file(answer_topk, out / "teacher_answer_topk.safetensors")
+        shutil.copy2(out / "teacher_answer_topk.safetensors", cached_topk.with_suffix(".part"))
+        cached_topk.with_suffix(".part").rename(cached_topk)
+    shutil.copy2(out / "pseudo_labels.jsonl", cached.with_suffix(".part"))
+    cached.with_suffix(".part").rename(cached)  # last: a cached jsonl means its top-K file is there too
+    return answers, answer_topk

@@ -70,7 +70,9 @@ def run(cfg, src: Artifact, out: Path) -> dict:
     answers = [splits.answer(e) for e in splits.train]
     items = training.encode_examples(tok, cfg.data, [e.text for e in splits.train], answers, ocfg.max_length)
     train_items, val_items = items[n_val:], items[:n_val]
-    trainer = training.make_trainer(cfg.trainer, ocfg, out, has_val=bool(val_items))
+    # bf16 autocast on a CPU with AMX / AVX512-BF16 (with eager attention: 1.4x faster QLoRA steps; README)
+    trainer = training.make_trainer(cfg.trainer, ocfg, out, has_val=bool(val_items), cpu_bf16=True)
+    training.train_attention(model, cfg.teacher, trainer)
     say(f"  fine-tuning {cfg.teacher.name} with {cfg.teacher.method} for {ocfg.max_steps} steps "
         f"({len(train_items)} train examples)")
     module = finetune.FinetuneModule(model, ocfg)
