@@ -275,7 +275,7 @@ def against_baseline(records: list[dict]) -> list[dict]:
                                  else (None, (None, None)))
             rows.append({"student": s, "baseline": base, "metric": metric,
                          "difference": None if score is None or base_score is None else score - base_score,
-                         "difference_ci": None if drop is None else [-high, -low],
+                         "difference_ci": None if drop is None else [0.0 - high, 0.0 - low],  # never -0.0
                          "speed_ratio": ratio(s.get("decode_tok_s"), base["decode_tok_s"])})
     return rows
 

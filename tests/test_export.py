@@ -265,3 +265,15 @@ def test_real_student_export_parity_and_int8(tmp_path):
     assert int8["size_mb"] < 0.85 * fp32["size_mb"]  # 195 vs 243 MB: embedding fp32 + an int8 head copy
     assert fp32["accuracy"] == records["smollm2-slim"]["accuracy"]
     assert int8["decode_tok_s"] > 0
+
+
+def test_a_student_that_equals_the_teacher_shows_a_zero_difference_not_minus_zero():
+    from compress.report import against_baseline, verdict
+
+    scores = [1.0, 0.0, 1.0, 1.0]
+    teacher = {"stage": "export", "role": "teacher", "backend": "onnxruntime", "name": "t", "variant": "onnx-int8",
+               "accuracy": 0.75, "example_scores": scores, "decode_tok_s": 10.0}
+    student = dict(teacher, role="student", name="s", decode_tok_s=40.0)
+    (row,) = against_baseline([teacher, student])
+    assert row["difference_ci"] == [0.0, 0.0] and str(row["difference_ci"][1]) == "0.0"
+    assert "+0.000 [+0.000, +0.000] accuracy (no measured loss" in verdict([row])
