@@ -122,8 +122,9 @@ def choice_logprobs(logits_fn: LogitsFn, requests: list[Request], batch_size: in
                 if single:
                     logp = torch.log_softmax(logits[b, col[len(ctx) - 1]].float(), dim=-1)  # (V,)
                     scores[i, : len(conts)] = torch.stack([logp[cont[0]] for cont in conts]).cpu()
-                    for k in range(len(conts) if on_rows else 0):
-                        on_rows(i, k, logits[b, col[len(ctx) - 1]][None])  # (1, V): the same row for every choice
+                    if on_rows:  # (1, V): the same row predicts every choice
+                        for k in range(len(conts)):
+                            on_rows(i, k, logits[b, col[len(ctx) - 1]][None])
                 else:
                     cont = conts[j]
                     rows = logits[b, [col[p] for p in range(len(ctx) - 1, len(seq) - 1)]].float()  # (L, V)
