@@ -46,7 +46,7 @@ VARIANTS = {  # sft and pseudo read nothing of the teacher's but its answers: no
                "distill.hidden_weight": 0.0},
     "kd": {"distill.soft_weight": 1.0, "distill.pseudo_weight": 1.0, "distill.hard_weight": 0.0},
     "kd_on_policy": {"distill.soft_weight": 1.0, "distill.pseudo_weight": 1.0, "distill.hard_weight": 0.0,
-                     "distill.on_policy_ratio": 0.5},
+                     "distill.on_policy_ratio": 0.5, "distill.topk_cache": 0},  # the teacher scores the student's answers
     "kd_auto_layers": {"distill.soft_weight": 1.0, "distill.pseudo_weight": 1.0, "distill.hard_weight": 0.0,
                        "student.keep_layers": "auto"},
     "kd_synthetic": {"distill.soft_weight": 1.0, "distill.pseudo_weight": 1.0, "distill.hard_weight": 0.0,

@@ -98,8 +98,9 @@ def choice_logprobs(logits_fn: LogitsFn, requests: list[Request], batch_size: in
     choices of any request; a request with fewer choices has -inf in its columns past them.
 
     When every continuation is one token, one forward of the context scores all choices;
-    otherwise each (context + continuation) is scored separately. `on_rows(i, j, logits)`, if given,
-    receives the logits (L, V) that predict the L tokens of continuation j of request i.
+    otherwise each (context + continuation) is scored separately. `on_rows(i, j, logits, b)`, if given,
+    receives the logits (L, V) that predict the L tokens of continuation j of request i, and the row b of
+    the batch `logits_fn` just ran that holds them (right-padded: request i's context is its first tokens).
     """
     n, c = len(requests), max(len(conts) for _, conts in requests)
     single = all(len(cont) == 1 for _, conts in requests for cont in conts)
@@ -124,14 +125,14 @@ def choice_logprobs(logits_fn: LogitsFn, requests: list[Request], batch_size: in
                     scores[i, : len(conts)] = torch.stack([logp[cont[0]] for cont in conts]).cpu()
                     if on_rows:  # (1, V): the same row predicts every choice
                         for k in range(len(conts)):
-                            on_rows(i, k, logits[b, col[len(ctx) - 1]][None])
+                            on_rows(i, k, logits[b, col[len(ctx) - 1]][None], b)
                 else:
                     cont = conts[j]
                     rows = logits[b, [col[p] for p in range(len(ctx) - 1, len(seq) - 1)]].float()  # (L, V)
                     logp = torch.log_softmax(rows, dim=-1)
                     scores[i, j] = logp.gather(1, torch.tensor(cont, device=logp.device)[:, None]).sum().cpu()
                     if on_rows:
-                        on_rows(i, j, rows)
+                        on_rows(i, j, rows, b)
             bar.advance(task, len(batch))
     return scores
 

@@ -289,7 +289,8 @@ class DistillConfig(OptimConfig):
     """Weight of cross-entropy on the gold labels of the `train` split."""
     hidden_weight: float = 0.0
     """Weight of intermediate-layer distillation: 1 - cosine between each student layer's output and
-    the teacher hidden state it replaces (needs equal hidden sizes and the teacher on the fly)."""
+    the teacher hidden state it replaces (needs equal hidden sizes, and the teacher on the fly or the
+    answer cache of `topk_cache`)."""
     temperature: float = 2.0
     """Softmax temperature of the soft-label term (> 0); the term is scaled by T^2."""
     divergence: str = "forward_kl"
@@ -302,7 +303,10 @@ class DistillConfig(OptimConfig):
     """Keep the student's token embeddings (and an output head tied to them) fixed; only the layers
     and norms train. Faster steps, and a student cut from the teacher keeps the teacher's token space."""
     topk_cache: int = 0
-    """If K > 0, compute the teacher's top-K log-probs once into the artifact and train from them."""
+    """If K > 0, compute the teacher's top-K log-probs once into the artifact and train from them. On a
+    label task with `soft_on=answer` and `hard_weight=0` they are read off the pseudo-labelling pass, which
+    also keeps the teacher's hidden states on each prompt for `hidden_weight` (in host memory; the answer
+    tokens then have no hidden-state term): training never runs the teacher."""
     pseudo_max_new_tokens: int = 32
     """Token limit of the teacher's greedy pseudo-label for tasks without verbalizers (data=text)."""
     on_policy_ratio: float = 0.0

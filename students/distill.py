@@ -8,7 +8,9 @@ loss = soft_weight * D(student, teacher) on the student's tokens (+ the hidden-s
 The teacher is frozen and in eval mode, and is not a submodule of the LightningModule:
 it gets no gradients, no optimizer state and no place in checkpoints. Its logits come on
 the fly, or with `distill.topk_cache=K` from a top-K cache computed once into the artifact (on a
-label task with soft labels on the answer only, read off the pass that finds the pseudo-labels).
+label task with soft labels on the answer only, read off the pass that finds the pseudo-labels; that
+pass then also keeps the teacher's hidden states on each prompt for the hidden-state term, so training
+never runs the teacher).
 Pseudo-labels for the `unlabeled` split are the teacher's most likely verbalizer among each
 example's choices (label tasks) or its greedy continuation (text).
 """
@@ -34,13 +36,18 @@ class DistillModule(L.LightningModule):
     """Trains `student` to match a frozen `teacher` (or its cached top-K log-probs)."""
 
     def __init__(self, student, teacher, dcfg, topk: dict | None = None, pad_id: int = 0,
-                 eos: list[int] | None = None):
+                 eos: list[int] | None = None, hidden: dict | None = None):
         super().__init__()
         self.student, self.dcfg, self.topk = student, dcfg, topk
         self.pad_id, self.eos = pad_id, list(eos or [])
         """Padding of the student's on-policy answers, and the tokens that end one."""
-        self.layer_map = layer_map(student.config, teacher.config, dcfg.hidden_weight) if teacher is not None else []
+        self.layer_map = (hidden["layers"] if hidden is not None else
+                          layer_map(student.config, teacher.config, dcfg.hidden_weight) if teacher is not None else [])
         """Teacher hidden-state index paired with each student layer's output (hidden_weight > 0)."""
+        self.hidden = hidden["states"] if hidden is not None else None
+        """Per training item (`batch["index"]`): the teacher's hidden states at `layer_map` on its prompt,
+        (P, L, H) bf16, read off the pseudo-labelling pass (None for an item whose prompt was cut); None
+        when the teacher runs on the fly."""
         self.__dict__["teacher"] = teacher  # plain attribute, not a submodule
         self.strict_loading = False
 
@@ -78,9 +85,24 @@ class DistillModule(L.LightningModule):
         if d.hidden_weight > 0:
             mask = attn.bool().clone()  # (B, T)
             mask[:, 0] = False  # the first position holds the attention sink's outsized activations
+            if self.hidden is not None:
+                t_hidden, mask = self._cached_hidden(batch["index"].tolist(), mask)
+            else:
+                t_hidden = [t_out.hidden_states[i] for i in self.layer_map]
             out["hidden"] = losses.hidden_cosine([s_out.hidden_states[j + 1] for j in range(len(self.layer_map))],
-                                                 [t_out.hidden_states[i] for i in self.layer_map], mask)
+                                                 t_hidden, mask)
         return out
+
+    def _cached_hidden(self, index: list[int], mask: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """The batch's cached teacher states, one (B, T, H) per paired layer, and `mask` narrowed to the
+        positions they cover (each item's prompt: the answer tokens have no cached state)."""
+        (b_size, width), h = mask.shape, self.student.config.hidden_size
+        states = torch.zeros(b_size, width, len(self.layer_map), h, dtype=torch.bfloat16)  # (B, T, L, H)
+        covered = torch.zeros(b_size, width, dtype=torch.bool)  # (B, T)
+        for b, i in enumerate(index):
+            if (cached := self.hidden[i]) is not None:
+                states[b, : len(cached)], covered[b, : len(cached)] = cached, True
+        return list(states.to(self.device).unbind(2)), mask & covered.to(mask.device)
 
     def on_policy(self, step: int) -> bool:
         """Whether optimizer step `step` trains on the student's own answers: `on_policy_ratio` of the
@@ -200,38 +222,84 @@ def layer_map(student_config, teacher_config, hidden_weight: float) -> list[int]
 # --------------------------------------------------------------------------- pseudo-labels
 
 
-def teacher_answers(teacher, tok, examples: list[Example], splits, cfg, soft_k: int = 0) -> tuple[list[str], dict | None]:
+def teacher_answers(teacher, tok, examples: list[Example], splits, cfg, soft_k: int = 0,
+                    hidden_layers: list[int] | None = None) -> tuple[list[str], dict | None, list | None]:
     """Label tasks: the continuation of the most likely of each example's choices (the shared labels or
     its own); generative tasks: the teacher's greedy answer to the prompt (sequence-level KD), ended by a
     newline; text tasks: the greedy continuation.
 
     With `soft_k` > 0 on a label task, also the teacher's top-K log-probs at each token of the answer it
     chose (`answer_topk`), read off the same forward passes: the soft labels of `soft_on=answer` at no
-    extra teacher cost. None otherwise."""
+    extra teacher cost. None otherwise. With `hidden_layers` as well, the teacher's hidden states at those
+    indices on each example's tokens as that pass saw them: per example (token ids (S,), states (S, L, H)
+    bf16), the prompt first (`hidden_states_on_prompts` keeps the prompt's part). None otherwise."""
     if splits.generative:
         chat = bool(cfg.data.use_chat_template and getattr(tok, "chat_template", None))
         prompts = [build_prompt(tok, e.text, cfg.data) for e in examples]
         gen_fn = torch_generate_fn(teacher, tok.pad_token_id, eos_ids(tok, teacher.generation_config))
         answers = generate_greedy(gen_fn, tok, prompts, chat, cfg.distill.pseudo_max_new_tokens,
                                   cfg.eval.batch_size, "teacher: pseudo-labels (answers)")
-        return [a + ANSWER_END for a in answers], None
+        return [a + ANSWER_END for a in answers], None, None
     if splits.labelled:
         # labels are hidden: scored as an eval split whose accuracy is not read
         unl = Splits(train=[], unlabeled=[], eval=[Example(e.text, None, e.choices) for e in examples],
                      perplexity=[], verbalizers=splits.verbalizers)
+        layers = list(hidden_layers or []) if soft_k else []
+        logits_fn, last = hidden_logits_fn(teacher, layers) if layers else (torch_logits_fn(teacher), {})
         kept: dict[tuple[int, int], tuple] = {}
+        seen: dict[int, tuple] = {}
 
-        def keep(i: int, j: int, rows: torch.Tensor) -> None:  # rows (L, V): the logits of choice j's tokens
+        def keep(i: int, j: int, rows: torch.Tensor, b: int) -> None:  # rows (L, V): the logits of choice j's tokens
             kept[i, j] = tuple(t[0].cpu() for t in losses.teacher_topk(rows[None], soft_k, cfg.distill.temperature))
+            if layers and i not in seen:  # every choice shares the prompt's states: keep the first sequence's
+                n = last["lengths"][b]
+                seen[i] = (last["ids"][b, :n].clone(), last["hidden"][b, :n].clone())
 
-        preds = score_accuracy(torch_logits_fn(teacher), tok, unl, cfg.data, cfg.eval.batch_size,
+        preds = score_accuracy(logits_fn, tok, unl, cfg.data, cfg.eval.batch_size,
                                "teacher: pseudo-labels", on_rows=keep if soft_k else None)["predictions"]
         answers = [splits.continuations(e)[p] for e, p in zip(examples, preds)]
         if not soft_k:
-            return answers, None
+            return answers, None, None
         chosen = [list(splits.continuations(e)).index(p) for e, p in zip(examples, preds)]
-        return answers, stack_answer_topk([kept[i, j] for i, j in enumerate(chosen)])
-    return continue_greedy(teacher, tok, [e.text for e in examples], cfg.distill.pseudo_max_new_tokens), None
+        hidden = [seen[i] for i in range(len(examples))] if layers else None
+        return answers, stack_answer_topk([kept[i, j] for i, j in enumerate(chosen)]), hidden
+    return continue_greedy(teacher, tok, [e.text for e in examples], cfg.distill.pseudo_max_new_tokens), None, None
+
+
+def hidden_logits_fn(model, layers: list[int]):
+    """A `torch_logits_fn` that also keeps, from the batch it ran last, the hidden states at `layers`
+    (`last["hidden"]`: (B, T, L, H) bf16 on the host), the token ids (B, T) and each row's length."""
+    device, last = next(model.parameters()).device, {}
+
+    @torch.inference_mode()
+    def logits(input_ids: torch.Tensor, attention_mask: torch.Tensor, positions=None) -> torch.Tensor:
+        keep = {} if positions is None else {"logits_to_keep": torch.tensor(positions, device=device)}
+        out = model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), use_cache=False,
+                    output_hidden_states=True, **keep)
+        last["hidden"] = torch.stack([out.hidden_states[i] for i in layers], dim=2).to(torch.bfloat16).cpu()
+        last["ids"], last["lengths"] = input_ids.cpu(), attention_mask.sum(1).tolist()
+        return out.logits  # (B, K, V)
+
+    return logits, last
+
+
+def hidden_states_on_prompts(hidden: list[tuple], items: list[dict]) -> list[torch.Tensor | None]:
+    """Per training item (in the order the teacher scored its example), the teacher's states on the item's
+    prompt tokens (P, L, H); None where the item's prompt is not the one the teacher saw (cut from the
+    left to `distill.max_length`): that item then skips the hidden-state term."""
+    out = []
+    for (ids, states), it in zip(hidden, items, strict=True):
+        p = int((~it["answer_mask"]).sum())
+        out.append(states[:p] if p <= len(ids) and torch.equal(ids[:p], it["input_ids"][:p]) else None)
+    return out
+
+
+def hidden_cache_bytes(tok, examples: list[Example], cfg, layers: list[int], width: int) -> int:
+    """Host memory the teacher's hidden states on every prompt take (bf16), counted before the pass."""
+    chat = bool(cfg.data.use_chat_template and getattr(tok, "chat_template", None))
+    tokens = sum(len(tok(build_prompt(tok, e.text, cfg.data), add_special_tokens=not chat)["input_ids"])
+                 for e in examples)
+    return tokens * len(layers) * width * 2
 
 
 def stack_answer_topk(rows: list[tuple]) -> dict:

@@ -13,7 +13,7 @@ from teachers.loading import ARCHITECTURES
 FAMILY = ["teacher=tiny-random", "student=smollm2-slim", "student.keep_layers=[0]", f"data.path={RT_CSV}",
           "data.eval_size=40", "data.train_size=40", "data.unlabeled_size=40", "eval=quick", "finetune=quick",
           "distill=quick", "distill.hidden_weight=1", "prune=quick", "quantize=quick", "trainer.progress_bar=false",
-          "trainer.log_every=1"]
+          "trainer.log_every=1", "pipeline=full", "export.variants=[fp32,int8]"]
 
 
 @pytest.mark.parametrize("family", ARCHITECTURES)

@@ -134,7 +134,7 @@ def test_answer_topk_equals_the_full_cache_at_the_answer_tokens(tiny_cfg, tiny_t
     _, teacher, tok = tiny_teacher
     splits = load_splits(tiny_cfg.data)
     examples = splits.unlabeled[:12]
-    answers, cache = distill.teacher_answers(teacher, tok, examples, splits, tiny_cfg, soft_k=5)
+    answers, cache, _ = distill.teacher_answers(teacher, tok, examples, splits, tiny_cfg, soft_k=5)
     assert max(cache["lengths"].tolist()) > 1  # multi-token answers
     items = training.encode_examples(tok, tiny_cfg.data, [e.text for e in examples], answers, 512, [1] * 12)
     for i, it in enumerate(items):
@@ -149,6 +149,54 @@ def test_answer_topk_equals_the_full_cache_at_the_answer_tokens(tiny_cfg, tiny_t
                                    atol=2e-3, rtol=2e-3)
         torch.testing.assert_close(got["tail"][i, :w][at], full["tail"][i, :w][at], atol=2e-3, rtol=2e-3)
         assert torch.isinf(got["tail"][i][~torch.nn.functional.pad(at, (0, got["tail"].shape[1] - w))]).all()
+
+
+def test_hidden_states_kept_from_the_scoring_pass_equal_the_teacher_on_the_fly(tiny_cfg, tiny_teacher):
+    """The hidden-state term read from the states the pseudo-labelling pass kept (multi-token verbalizers:
+    one forward per choice) equals the term with the teacher run on the training batch, on the prompt
+    positions; an item whose prompt was cut to max_length has no cached states and no term."""
+    import copy
+
+    from omegaconf import OmegaConf
+
+    from compress import training
+    from compress.data import load_splits
+    from students import distill, losses
+
+    _, teacher, tok = tiny_teacher
+    splits = load_splits(tiny_cfg.data)
+    examples = splits.unlabeled[:10]
+    d = OmegaConf.merge(tiny_cfg.distill, {"hidden_weight": 1.0, "soft_on": "answer", "topk_cache": 5})
+    student = copy.deepcopy(teacher)
+    torch.manual_seed(0)
+    with torch.no_grad():  # a student that is not the teacher: a term worth comparing
+        for p in student.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    layers = distill.layer_map(student.config, teacher.config, 1.0)
+    answers, cache, hidden = distill.teacher_answers(teacher, tok, examples, splits, tiny_cfg, 5, layers)
+    lengths = [len(ids) for ids, _ in hidden]
+    items = training.encode_examples(tok, tiny_cfg.data, [e.text for e in examples], answers,
+                                     sorted(lengths)[-2], [1] * 10)  # the longest prompt gets cut
+    for i, it in enumerate(items):
+        it["index"] = i
+    states = distill.hidden_states_on_prompts(hidden, items)
+    assert sum(s is None for s in states) >= 1 and sum(s is not None for s in states) >= 8
+    module = distill.DistillModule(student, None, d, distill.expand_answer_topk(cache, items), tok.pad_token_id,
+                                   hidden={"layers": layers, "states": states})
+    batch = training.collate(tok.pad_token_id)(items)
+    got = module.losses(batch)["hidden"]
+
+    ids, attn = batch["input_ids"], batch["attention_mask"]
+    with torch.no_grad():
+        s_out = student.get_decoder()(input_ids=ids, attention_mask=attn, output_hidden_states=True)
+        t_out = teacher.get_decoder()(input_ids=ids, attention_mask=attn, output_hidden_states=True)
+    mask = attn.bool() & ~batch["answer_mask"]
+    mask[:, 0] = False
+    mask[[i for i, s in enumerate(states) if s is None]] = False
+    want = losses.hidden_cosine([s_out.hidden_states[j + 1] for j in range(len(layers))],
+                                [t_out.hidden_states[i] for i in layers], mask)
+    assert want > 0.01
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-2)
 
 
 def test_teacher_is_frozen_and_outside_the_module(tiny_teacher):

@@ -6,7 +6,8 @@ teacher's layers). It trains on the teacher's pseudo-labels for the `unlabeled` 
 labels of `train` when `distill.hard_weight > 0`) with the loss of `students/distill.py`:
     soft_weight * KD_T + pseudo_weight * CE(pseudo) + hard_weight * CE(gold) + hidden_weight * (1 - cos)
 Artifact: `model/`, `pseudo_labels.jsonl`, `teacher_topk.safetensors` (with `distill.topk_cache`; on a label
-task with `soft_on=answer`, `teacher_answer_topk.safetensors`, read off the pseudo-labelling pass),
+task with `soft_on=answer`, `teacher_answer_topk.safetensors`, read off the pseudo-labelling pass, which then
+also keeps the teacher's hidden states on each prompt, in memory, for the hidden-state term),
 `logs/metrics.csv`. Pseudo-labels are also cached in `<run>/cache/`, so a rerun with other loss
 settings reuses them.
 """
@@ -74,10 +75,17 @@ def check(cfg) -> list[Problem]:
     elif d.topk_cache > 0 and d.divergence != "forward_kl":
         problems.append(Problem("distill.topk_cache", d.topk_cache, "the top-K cache supports "
                                 "distill.divergence=forward_kl only; set topk_cache=0 for reverse_kl or jsd"))
-    if d.topk_cache > 0 and d.hidden_weight > 0:
+    if d.topk_cache > 0 and d.hidden_weight > 0 and not answer_cache(d):
         problems.append(Problem("distill.topk_cache", d.topk_cache, "hidden-state distillation needs the teacher's "
-                                "activations, which the top-K cache does not hold; set topk_cache=0 or hidden_weight=0"))
+                                "activations, which only the answer cache keeps (distill.soft_on=answer, "
+                                "hard_weight=0); set those, or topk_cache=0 (the teacher runs in every step), or "
+                                "hidden_weight=0"))
     return problems
+
+
+def answer_cache(d) -> bool:
+    """Settings under which, on a label task, the top-K cache is read off the pseudo-labelling pass."""
+    return d.topk_cache > 0 and d.soft_weight > 0 and d.soft_on == "answer" and d.hard_weight == 0
 
 
 def preflight(cfg) -> list[Problem]:
@@ -128,7 +136,15 @@ def train(cfg, d, teacher_dir: Path, student_dir: Path, splits, out: Path) -> di
     if cfg.data.synthetic_unlabeled > 0 and (d.pseudo_weight > 0 or d.soft_weight > 0):
         splits = with_written_inputs(teacher, t_tok, teacher_dir, splits, cfg, out)
     soft_k = d.topk_cache if answer_soft_labels(d, splits) else 0
-    answers, answer_topk = pseudo_labels(teacher, t_tok, teacher_dir, splits, cfg, out, soft_k)
+    on_the_fly = d.topk_cache > 0 and d.hidden_weight > 0 and not soft_k
+    if on_the_fly:  # e.g. the default preset on a generative task
+        say("  distill.topk_cache: the teacher's hidden states come with its answers on label tasks only; "
+            "here it runs in every step")
+    layers = distill.layer_map(student.config, teacher.config, d.hidden_weight) if soft_k else []
+    if layers:  # the hidden-state term reads the teacher's states kept from the pseudo-labelling pass
+        raise_if(hidden_cache_problems(t_tok, splits, cfg, d, layers, student.config.hidden_size),
+                 "the teacher's hidden states do not fit in memory")
+    answers, answer_topk, hidden = pseudo_labels(teacher, t_tok, teacher_dir, splits, cfg, out, soft_k, layers)
 
     texts, targets, kinds = [], [], []
     if d.hard_weight > 0:
@@ -146,17 +162,19 @@ def train(cfg, d, teacher_dir: Path, student_dir: Path, splits, out: Path) -> di
     for i, it in enumerate(items):
         it["index"] = i
     n_val = min(d.val_size, len(items) // 5) if d.val_every > 0 else 0
-    topk = None
+    topk = teacher_hidden = None
     if answer_topk is not None:  # the soft labels came with the pseudo-labels: item i is unlabeled example i
         topk, teacher = distill.expand_answer_topk(answer_topk, items), None
-    elif d.topk_cache > 0 and d.soft_weight > 0:
+        if hidden is not None:
+            teacher_hidden = {"layers": layers, "states": distill.hidden_states_on_prompts(hidden, items)}
+    elif d.topk_cache > 0 and d.soft_weight > 0 and not on_the_fly:
         topk = topk_cache(teacher, items, d, cfg.eval.batch_size, s_tok.pad_token_id, out)
         teacher = None  # training reads the cache only
     student.config.use_cache = False
     if d.freeze_embeddings:
         student.get_input_embeddings().weight.requires_grad_(False)
     module = distill.DistillModule(student.train(), teacher, d, topk, s_tok.pad_token_id,
-                                   eos_ids(s_tok, student.generation_config))
+                                   eos_ids(s_tok, student.generation_config), teacher_hidden)
     # bf16 autocast on a CPU with AMX / AVX512-BF16: 1.7x faster steps, same accuracy (README, measured)
     trainer = training.make_trainer(cfg.trainer, d, out, has_val=n_val > 0, cpu_bf16=True)
     training.train_attention(student, cfg.student, trainer)
@@ -181,8 +199,7 @@ def answer_soft_labels(d, splits) -> bool:
     """Whether the top-K cache comes with the pseudo-labels (one teacher pass instead of two): a label
     task, soft labels on the answer only, trained on the teacher's answers alone (no gold items, whose
     answers the teacher does not score)."""
-    return (d.topk_cache > 0 and d.soft_weight > 0 and d.soft_on == "answer" and d.hard_weight == 0
-            and splits.labelled and not splits.generative)
+    return answer_cache(d) and splits.labelled and not splits.generative
 
 
 def topk_cache(teacher, items: list[dict], d, batch_size: int, pad_id: int, out: Path) -> dict:
@@ -255,9 +272,12 @@ def with_written_inputs(teacher, tok, teacher_dir: Path, splits, cfg, out: Path)
     return replace(splits, unlabeled=splits.unlabeled + written)
 
 
-def pseudo_labels(teacher, tok, teacher_dir: Path, splits, cfg, out: Path, soft_k: int = 0) -> tuple[list[str], dict | None]:
+def pseudo_labels(teacher, tok, teacher_dir: Path, splits, cfg, out: Path, soft_k: int = 0,
+                  hidden_layers: list[int] | None = None) -> tuple[list[str], dict | None, list | None]:
     """The teacher's answers for the `unlabeled` split, written to `out/pseudo_labels.jsonl`; with
-    `soft_k` > 0 also its top-K log-probs on each answer token (`out/teacher_answer_topk.safetensors`).
+    `soft_k` > 0 also its top-K log-probs on each answer token (`out/teacher_answer_topk.safetensors`),
+    and with `hidden_layers` its hidden states on each example (`distill.teacher_answers`; held in
+    memory only, so the teacher runs again whenever they are asked for).
 
     A copy is kept in the run's `cache/` folder, keyed by the teacher folder, the texts, the prompt, the
     verbalizers (and each example's own choices, if any) and the precision (and K and the temperature of
@@ -276,17 +296,18 @@ def pseudo_labels(teacher, tok, teacher_dir: Path, splits, cfg, out: Path, soft_
     key = text_hash(json.dumps(parts))[:16]
     cached = out.parent / "cache" / f"pseudo_labels-{key}.jsonl"
     cached_topk = cached.with_name(f"answer_topk-{key}-k{soft_k}-t{cfg.distill.temperature}.safetensors")
-    if cached.exists() and (not soft_k or cached_topk.exists()):
+    if cached.exists() and (not soft_k or cached_topk.exists()) and not hidden_layers:
         for src, name in ((cached, "pseudo_labels.jsonl"), (cached_topk, "teacher_answer_topk.safetensors")):
             if src.exists() and not (out / name).exists():  # a resumed stage (or another rank) has it already
                 shutil.copy2(src, out / name)
         rows = [json.loads(line) for line in cached.read_text().splitlines()]
         say(f"  pseudo-labels: reused {len(rows)} from {cached}" + (" (with the teacher's top-K)" if soft_k else ""))
-        return [r["answer"] for r in rows], load_file(cached_topk) if soft_k else None
+        return [r["answer"] for r in rows], load_file(cached_topk) if soft_k else None, None
     texts = [e.text for e in splits.unlabeled]
     device = next(teacher.parameters()).device.type
     with torch.autocast(device, dtype=torch.bfloat16, enabled=bf16):
-        answers, answer_topk = distill.teacher_answers(teacher, tok, splits.unlabeled, splits, cfg, soft_k)
+        answers, answer_topk, hidden = distill.teacher_answers(teacher, tok, splits.unlabeled, splits, cfg, soft_k,
+                                                               hidden_layers)
     with open(out / "pseudo_labels.jsonl", "w") as f:
         for t, a in zip(texts, answers):
             f.write(json.dumps({"text": t, "answer": a}) + "\n")
@@ -297,4 +318,26 @@ def pseudo_labels(teacher, tok, teacher_dir: Path, splits, cfg, out: Path, soft_
         cached_topk.with_suffix(".part").rename(cached_topk)
     shutil.copy2(out / "pseudo_labels.jsonl", cached.with_suffix(".part"))
     cached.with_suffix(".part").rename(cached)  # last: a cached jsonl means its top-K file is there too
-    return answers, answer_topk
+    return answers, answer_topk, hidden
+
+
+def hidden_cache_problems(tok, splits, cfg, d, layers: list[int], width: int) -> list[Problem]:
+    """The teacher's hidden states on every unlabeled prompt are held in host memory during training: refuse
+    (before the teacher runs) when they would take more than half of the memory available now."""
+    need = distill.hidden_cache_bytes(tok, splits.unlabeled, cfg, layers, width)
+    free = available_memory_bytes()
+    if free is None or need <= free / 2:
+        return []
+    return [Problem("distill.topk_cache", d.topk_cache, f"the teacher's hidden states on {len(splits.unlabeled)} "
+                    f"prompts at {len(layers)} layers take {need / 2**30:.1f} GiB, more than half of the "
+                    f"{free / 2**30:.1f} GiB available; set distill.topk_cache=0 (the teacher runs in every step), "
+                    "distill.hidden_weight=0, or a smaller data.unlabeled_size")]
+
+
+def available_memory_bytes() -> int | None:
+    """MemAvailable from /proc/meminfo (Linux); None elsewhere."""
+    try:
+        with open("/proc/meminfo") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration):
+        return None

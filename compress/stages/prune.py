@@ -119,7 +119,9 @@ def _recovery_config(cfg, pruned: Path):
 
 
 def _recovery_schedule(cfg):
-    """The `distill` loss settings with the recovery schedule."""
+    """The `distill` loss settings with the recovery schedule. With the hidden-state term the teacher runs on
+    the fly (no top-K cache): a few recovery steps cost less than the pass that would keep its states."""
     p, d = cfg.prune, cfg.distill
     return OmegaConf.merge(d, {"max_steps": p.recovery_steps, "lr": p.recovery_lr,
-                               "warmup_steps": min(d.warmup_steps, p.recovery_steps // 10), "val_every": 0})
+                               "warmup_steps": min(d.warmup_steps, p.recovery_steps // 10), "val_every": 0,
+                               "topk_cache": 0 if d.hidden_weight > 0 else d.topk_cache})
