@@ -80,8 +80,11 @@ def test_greedy_generation_matches_a_reference_loop(tiny_teacher, kind):
 def test_squad_pipeline_fine_tunes_and_distils_on_answers(tmp_path, small_squad):
     proc = cli("run", *TINY, f"data.path={small_squad}", "data.eval_size=16", "data.train_size=16",
                "data.unlabeled_size=16", "finetune=quick", "distill=quick", "distill.pseudo_max_new_tokens=4",
+               # the default preset's cache settings: on a generative task the teacher runs in every step
+               "distill.topk_cache=32", "distill.hidden_weight=1", "distill.soft_on=answer",
                "pipeline.stages=[evaluate,finetune_teacher,distill]", f"run.root={tmp_path}", "run.name=G")
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "here it runs in every step" in proc.stdout + proc.stderr
     run = tmp_path / "G"
     records = json.loads((run / "results.json").read_text())["records"]
     for r in records:
