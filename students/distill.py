@@ -25,8 +25,8 @@ from compress import training
 from compress.console import progress
 from compress.data import ANSWER_END, Example, Splits
 from compress.errors import CompressError, Problem
-from compress.evaluate import (build_prompt, eos_ids, generate_greedy, score_accuracy, torch_generate_fn,
-                               torch_logits_fn)
+from compress.evaluate import (build_prompt, encode_requests, eos_ids, generate_greedy, score_accuracy,
+                               torch_generate_fn, torch_logits_fn)
 from students import losses
 
 DIVERGENCES = {"forward_kl": losses.forward_kl, "reverse_kl": losses.reverse_kl, "jsd": losses.generalized_jsd}
@@ -297,9 +297,8 @@ def hidden_states_on_prompts(hidden: list[tuple], items: list[dict]) -> list[tor
 def hidden_cache_bytes(tok, examples: list[Example], cfg, layers: list[int], width: int) -> int:
     """Host memory the teacher's hidden states on every prompt take (bf16), counted before the pass."""
     chat = bool(cfg.data.use_chat_template and getattr(tok, "chat_template", None))
-    tokens = sum(len(tok(build_prompt(tok, e.text, cfg.data), add_special_tokens=not chat)["input_ids"])
-                 for e in examples)
-    return tokens * len(layers) * width * 2
+    requests = encode_requests(tok, [build_prompt(tok, e.text, cfg.data) for e in examples], [], chat)
+    return sum(len(ctx) for ctx, _ in requests) * len(layers) * width * 2
 
 
 def stack_answer_topk(rows: list[tuple]) -> dict:

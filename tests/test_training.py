@@ -124,6 +124,15 @@ def test_answer_topk_comes_with_the_pseudo_labels_and_trains_without_the_teacher
     assert not (stage / "teacher_topk.safetensors").exists()  # no second teacher pass
 
 
+def test_hidden_term_trains_from_the_states_kept_by_the_pseudo_label_pass(tmp_path):
+    proc = cli("run", *QUICK, "pipeline.stages=[evaluate,distill]", "distill.topk_cache=8", "distill.soft_on=answer",
+               "distill.hidden_weight=1", f"run.root={tmp_path}", "run.name=H")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    stage = tmp_path / "H" / "01_distill"
+    assert (stage / "teacher_answer_topk.safetensors").is_file() and not (stage / "teacher_topk.safetensors").exists()
+    assert "train/hidden" in (stage / "logs" / "metrics.csv").read_text().splitlines()[0]
+
+
 def test_answer_topk_equals_the_full_cache_at_the_answer_tokens(tiny_cfg, tiny_teacher, tmp_path):
     """The top-K read off the scoring pass (right-padded, one forward per choice: the byte tokenizer makes
     each verbalizer several tokens) equals the top-K of a forward of prompt + chosen answer."""
@@ -197,6 +206,10 @@ def test_hidden_states_kept_from_the_scoring_pass_equal_the_teacher_on_the_fly(t
                                 [t_out.hidden_states[i] for i in layers], mask)
     assert want > 0.01
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-2)
+    whole = training.encode_examples(tok, tiny_cfg.data, [e.text for e in examples], answers, 10_000, [1] * 10)
+    prompt_tokens = sum(int((~it["answer_mask"]).sum()) for it in whole)  # what the memory check counts
+    assert distill.hidden_cache_bytes(tok, examples, tiny_cfg, layers, student.config.hidden_size) == (
+        prompt_tokens * len(layers) * student.config.hidden_size * 2)
 
 
 def test_teacher_is_frozen_and_outside_the_module(tiny_teacher):
