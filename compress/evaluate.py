@@ -430,7 +430,7 @@ def peak_memory(device: torch.device):
 
 def weights_size_mb(folder: Path) -> float:
     """Bytes on disk of the weight files in a model folder, in MiB."""
-    suffixes = (".safetensors", ".bin", ".pt", ".onnx", ".onnx_data", ".gguf")
+    suffixes = (".safetensors", ".bin", ".pt", ".onnx", ".onnx_data", ".onnx.data", ".gguf")
     return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file() and p.name.endswith(suffixes)) / 2**20
 
 

@@ -8,9 +8,10 @@ benchmark measure it the same way:
     generate_fn(lm, eos)(prompts, max_new_tokens, stop)   # compress.evaluate.GenerateFn (KV cache)
     measure_latency(lm, prompt_ids, decode_tokens, warmup, runs) -> {"prefill_ms", "decode_tok_s"}
 
-The graph is optimum's `text-generation-with-past` export: inputs `input_ids`, `attention_mask`,
-`position_ids` and `past_key_values.{i}.key/value` (B, kv_heads, P, head_dim); outputs
-`logits` (B, T, V) and `present.{i}.key/value` (B, kv_heads, P + T, head_dim).
+The graph is the export stage's (onnxruntime-genai's model builder, or optimum's `text-generation-with-past`):
+inputs `input_ids`, `attention_mask`, `position_ids` (optimum only; the builder's graph derives positions from
+the mask, so padded batches are right-padded) and `past_key_values.{i}.key/value` (B, kv_heads, P, head_dim);
+outputs `logits` (B, T, V) and `present.{i}.key/value` (B, kv_heads, P + T, head_dim).
 
 The decode loop skips optimum's generate (whose per-token Python overhead dominates at this
 size): IO binding onto preallocated numpy buffers, the KV cache ping-ponging between two
@@ -56,7 +57,7 @@ class OnnxLM:
     head_dim: int
     vocab: int
     positions: bool = True
-    """Whether the graph takes `position_ids` (optimum's Gemma-2 export computes them itself)."""
+    """Whether the graph takes `position_ids` (the builder's graphs and optimum's Gemma-2 compute them)."""
 
     @classmethod
     def open(cls, folder: Path, threads: int | None = None, graph_level: str = "all") -> "OnnxLM":

@@ -418,7 +418,8 @@ class TrainerConfig:
 
 @dataclass
 class ExportConfig:
-    """`export`: ONNX export (optimum), parity check against PyTorch, int8/int4 CPU variants."""
+    """`export`: ONNX export (onnxruntime-genai's model builder, or optimum), parity check against PyTorch,
+    int8/int4 CPU variants."""
 
     name: str = "default"
     """Preset name (`export=NAME`)."""
@@ -427,6 +428,12 @@ class ExportConfig:
     variants: List[str] = field(default_factory=lambda: ["fp32", "int8"])
     """Models written and evaluated through onnxruntime: fp32 (always exported), int8 (dynamic
     quantization, int8 weights) and int4 (4-bit weight-only MatMulNBits)."""
+    exporter: str = "auto"
+    """Who writes the fp32 graph: `builder` (onnxruntime-genai's model builder: fused attention and norms, no
+    position_ids input; Llama, Mistral, Qwen2/3, Phi-3, Gemma 1-3, Granite, OLMo and more), `optimum`
+    (`text-generation-with-past`: every architecture optimum knows, a graph of small ops), or `auto`: the
+    builder, and optimum where the builder fails. On the default 10-layer student the builder's int4 graph
+    decoded 1.9x as fast (272 against 141 tok/s, 2 threads), the teacher's int8 graph 1.7x."""
     max_abs_diff: float = 1e-2
     """Parity: the largest allowed |logit(ONNX fp32) - logit(PyTorch)| over the parity prompts."""
     min_top1: float = 0.99

@@ -45,7 +45,8 @@ def test_export_writes_three_onnx_models_evaluated_through_onnxruntime(exported)
     assert int8["size_mb"] < fp32["size_mb"] and int4["size_mb"] < fp32["size_mb"]
     metrics = json.loads((stage / "metrics.json").read_text())
     assert metrics["torch_fp32_latency"]["decode_tok_s"] > 0 and metrics["roles"]["teacher"]["predictions"]
-    assert "parity fp32: max |diff|" in proc.stderr
+    assert metrics["exporter"] == "builder"  # onnxruntime-genai's model builder knows Llama
+    assert "parity fp32 (builder): max |diff|" in proc.stderr
 
 
 def test_the_reference_teacher_is_exported_and_measured_as_a_baseline(exported, tmp_path):
@@ -118,23 +119,31 @@ def test_onnx_accuracy_matches_pytorch_on_the_same_model(exported):
 
 
 def test_lean_decoder_and_optimum_generate_like_pytorch(exported):
-    """Greedy tokens from the IO-binding loop, from ORTModelForCausalLM and from PyTorch agree."""
+    """Greedy tokens from PyTorch, from the IO-binding loop on the builder's graph (no position_ids: positions come
+    from the mask), and on optimum's graph (`export.exporter=optimum`) both through the loop and through
+    ORTModelForCausalLM, all agree."""
     from optimum.onnxruntime import ORTModelForCausalLM
     from transformers import AutoModelForCausalLM
 
     from compress import ort
 
     run, _ = exported
-    folder = run / "01_export" / "onnx"
+    proc = cli("run", *TINY, "pipeline=export", "export.exporter=optimum", "export.variants=[fp32]",
+               "report.baselines=false", "eval=quick", f"run.root={run.parent}", "run.name=O")
+    assert proc.returncode == 0, proc.stderr
+    assert "parity fp32 (optimum)" in proc.stderr
+    built, optimum = run / "01_export" / "onnx", run.parent / "O" / "01_export" / "onnx"
     source = json.loads((run / "01_export" / "metrics.json").read_text())["source"]
     prompt = list(range(40, 60))
     ids = torch.tensor([prompt])
     pt = AutoModelForCausalLM.from_pretrained(source).generate(ids, attention_mask=torch.ones_like(ids),
                                                                max_new_tokens=12, do_sample=False)[0, 20:].tolist()
-    lean, _, _ = ort.Decoder(ort.OnnxLM.open(folder, 1), 40).generate(prompt, 12)
-    onnx = ORTModelForCausalLM.from_pretrained(folder).generate(ids, attention_mask=torch.ones_like(ids),
-                                                                max_new_tokens=12, do_sample=False)[0, 20:].tolist()
-    assert lean == pt == onnx
+    assert not ort.OnnxLM.open(built, 1).positions and ort.OnnxLM.open(optimum, 1).positions
+    lean_built, _, _ = ort.Decoder(ort.OnnxLM.open(built, 1), 40).generate(prompt, 12)
+    lean_optimum, _, _ = ort.Decoder(ort.OnnxLM.open(optimum, 1), 40).generate(prompt, 12)
+    onnx = ORTModelForCausalLM.from_pretrained(optimum).generate(ids, attention_mask=torch.ones_like(ids),
+                                                                 max_new_tokens=12, do_sample=False)[0, 20:].tolist()
+    assert lean_built == lean_optimum == pt == onnx
 
 
 def test_distilled_student_is_exported(tmp_path):
@@ -161,8 +170,9 @@ def test_parity_failure_exits_2_with_the_figures(exported):
 
 
 @pytest.mark.parametrize("overrides, needles", [
-    (["export.variants=[fp32,int3]", "export.graph_optimization=max", "export.min_top1=2"],
-     ["export.variants", "int3", "export.graph_optimization='max'", "export.min_top1=2"]),
+    (["export.variants=[fp32,int3]", "export.graph_optimization=max", "export.min_top1=2", "export.exporter=tf2onnx"],
+     ["export.variants", "int3", "export.graph_optimization='max'", "export.min_top1=2",
+      "export.exporter='tf2onnx'"]),
     (["export.int8_exclude=[down_proj,no_such_layer]"], ["export.int8_exclude='no_such_layer'",
                                                          "matches no MatMul node"]),
 ])
