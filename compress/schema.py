@@ -433,7 +433,8 @@ class ExportConfig:
     position_ids input; Llama, Mistral, Qwen2/3, Phi-3, Gemma 1-3, Granite, OLMo and more), `optimum`
     (`text-generation-with-past`: every architecture optimum knows, a graph of small ops), or `auto`: the
     builder, and optimum where the builder fails. On the default 10-layer student the builder's int4 graph
-    decoded 1.9x as fast (272 against 141 tok/s, 2 threads), the teacher's int8 graph 1.7x."""
+    decoded 1.9x as fast (272 against 141 tok/s, 2 threads), the teacher's int8 graph 1.7x
+    (benchmarks/results/default_builder_1203.json)."""
     max_abs_diff: float = 1e-2
     """Parity: the largest allowed |logit(ONNX fp32) - logit(PyTorch)| over the parity prompts."""
     min_top1: float = 0.99
