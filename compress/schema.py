@@ -316,6 +316,14 @@ class DistillConfig(OptimConfig):
     one-token label the student's answer is its own distribution over the first answer token. 0 = off."""
     on_policy_temperature: float = 1.0
     """Sampling temperature of the student's on-policy answers (> 0)."""
+    quant_aware_steps: int = 0
+    """Quantization-aware distillation: the last N steps train through the int4 weights the export will
+    write. Every Linear of the student's decoder computes with its weight rounded as the export's int4
+    variant (MatMulNBits, symmetric) rounds it, the gradient passes straight through, and the saved student
+    holds the rounded weights, so its int4 form loses nothing more in those weights. 0 = off."""
+    quant_aware_block_size: int = 32
+    """Inputs per rounding block of `quant_aware_steps` (a power of 2, >= 16); must equal
+    `export.int4_block_size` when the export stage runs."""
 
 
 @dataclass

@@ -27,7 +27,7 @@ from compress.data import ANSWER_END, Example, Splits
 from compress.errors import CompressError, Problem
 from compress.evaluate import (build_prompt, encode_requests, eos_ids, generate_greedy, score_accuracy,
                                torch_generate_fn, torch_logits_fn)
-from students import losses
+from students import losses, quant_aware
 
 DIVERGENCES = {"forward_kl": losses.forward_kl, "reverse_kl": losses.reverse_kl, "jsd": losses.generalized_jsd}
 
@@ -158,6 +158,21 @@ class DistillModule(L.LightningModule):
         v = min(logits.shape[-1], t_logits.shape[-1])  # padded vocab rows (e.g. 152064 vs 151936) are dropped
         extra = {"beta": d.jsd_beta} if d.divergence == "jsd" else {}
         return DIVERGENCES[d.divergence](logits[..., :v], t_logits[..., :v], ones, temperature=d.temperature, **extra)
+
+    def quant_aware(self, step: int) -> bool:
+        """Whether optimizer step `step` trains through the int4 weights: the last `quant_aware_steps`."""
+        n = getattr(self.dcfg, "quant_aware_steps", 0)  # prune's recovery reuses these settings
+        return n > 0 and step >= self.dcfg.max_steps - n
+
+    def on_train_batch_start(self, batch, batch_idx) -> None:
+        if self.quant_aware(self.global_step) and not quant_aware.attached(self.student):
+            quant_aware.attach(self.student, self.dcfg.quant_aware_block_size)
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        """A checkpoint saved while the weights were rounded names them `...parametrizations.weight.original`:
+        round again before Lightning loads it, or those weights would not load."""
+        if any(".parametrizations.weight." in k for k in checkpoint["state_dict"]):
+            quant_aware.attach(self.student, self.dcfg.quant_aware_block_size)
 
     def training_step(self, batch, _):
         on_policy = self.on_policy(self.global_step)

@@ -74,6 +74,12 @@ def _has(msg: str, *needles: str) -> None:
                  ["distill.on_policy_ratio=1.5", "in [0, 1]", "distill.on_policy_temperature=0"], id="on-policy-range"),
     pytest.param(["distill.on_policy_ratio=0.5", "distill.topk_cache=8", "distill.hidden_weight=0"],
                  ["distill.on_policy_ratio=0.5", "topk_cache=0"], id="on-policy-with-topk-cache"),
+    pytest.param(["distill.quant_aware_steps=500", "distill.quant_aware_block_size=24"],
+                 ["distill.quant_aware_steps=500", "in [0, distill.max_steps=", "distill.quant_aware_block_size=24",
+                  "power of 2"], id="quant-aware-range"),
+    pytest.param(["distill.quant_aware_steps=10", "trainer.strategy=fsdp"],
+                 ["distill.quant_aware_steps=10", "trainer.strategy=fsdp", "use trainer.strategy=ddp"],
+                 id="quant-aware-with-fsdp"),
     pytest.param(["distill.temperature=-1.5"], ["distill.temperature=-1.5", "must be > 0"], id="negative-temperature"),
     pytest.param(["distill.soft_weight=0", "distill.pseudo_weight=0", "distill.hard_weight=0", "distill.hidden_weight=0"],
                  ["distill.soft_weight=0", "all 0", "set at least one > 0"], id="no-loss-term"),
@@ -92,6 +98,12 @@ def _has(msg: str, *needles: str) -> None:
 ])
 def test_bad_config(run, capsys, overrides, needles):
     _has(_bad(run, capsys, *overrides), *needles)
+
+
+def test_quant_aware_block_other_than_the_exports(run, capsys):
+    msg = _bad(run, capsys, "distill.quant_aware_steps=2", "distill.quant_aware_block_size=64",
+               "export.variants=[fp32,int4]", pipeline=("pipeline=distill_export",))
+    _has(msg, "distill.quant_aware_block_size=64", "export.int4_block_size=32", "same size")
 
 
 @pytest.mark.parametrize("name", ["a/b", "../escape", ".."])

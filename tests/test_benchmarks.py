@@ -120,3 +120,18 @@ def test_depth_speed_fits_time_per_token_against_depth(tmp_path):
     assert proc.returncode == 0, proc.stderr
     res = json.loads(out.read_text())["forms"]["int8"]
     assert res["depths"]["1"]["speedup"] == pytest.approx(res["depths"]["1"]["tok_s"] / res["teacher_tok_s"])
+
+
+def test_int4_forms_scores_and_times_each_low_bit_form_of_an_export(tmp_path):
+    from conftest import cli
+
+    proc = cli("run", *TINY, "pipeline=export", f"run.root={tmp_path}", "run.name=F")
+    assert proc.returncode == 0, proc.stderr
+    out = tmp_path / "forms.json"
+    proc = _script("int4_forms.py", str(tmp_path / "F" / "01_export"), *TINY, "--mixed", "1", "--rounds", "1",
+                   "--out", str(out))
+    assert proc.returncode == 0, proc.stderr
+    res = json.loads(out.read_text())
+    assert set(res["forms"]) == {"fp32", "int4", "int4-asym", "int4-hqq", "int8-nbits", "mixed-1"}
+    assert res["forms"]["fp32"]["minus_fp32"][0] == 0 and len(res["teacher_int8_tok_s"]) == 1
+    assert res["ranked"][0] in res["sensitivity"] and all(v >= -1e-6 for v in res["sensitivity"].values())

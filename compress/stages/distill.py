@@ -30,7 +30,7 @@ from compress.hub import text_hash
 from compress.measure import carry, measure_student
 from compress.validate import schedule_problems
 from students import build as student_build
-from students import distill
+from students import distill, quant_aware
 from teachers import loading
 
 NAME = "distill"
@@ -70,6 +70,7 @@ def check(cfg) -> list[Problem]:
     if not d.on_policy_temperature > 0:
         problems.append(Problem("distill.on_policy_temperature", d.on_policy_temperature, "must be > 0 (1 samples "
                                 "the student's plain distribution)"))
+    problems += quant_aware_problems(cfg, d)
     if d.topk_cache < 0:
         problems.append(Problem("distill.topk_cache", d.topk_cache, "must be >= 0 (0 = teacher on the fly)"))
     elif d.topk_cache > 0 and d.divergence != "forward_kl":
@@ -80,6 +81,27 @@ def check(cfg) -> list[Problem]:
                                 "activations, which only the answer cache keeps (distill.soft_on=answer, "
                                 "hard_weight=0); set those, or topk_cache=0 (the teacher runs in every step), or "
                                 "hidden_weight=0"))
+    return problems
+
+
+def quant_aware_problems(cfg, d) -> list[Problem]:
+    """`distill.quant_aware_steps` within the schedule, its block a size MatMulNBits has, and the same
+    block as the export's int4 variant (else the student would train through other weights)."""
+    n, block, problems = d.quant_aware_steps, d.quant_aware_block_size, []
+    if not 0 <= n <= d.max_steps:
+        problems.append(Problem("distill.quant_aware_steps", n, f"must be in [0, distill.max_steps={d.max_steps}] "
+                                "(the last N steps train through the int4 weights; 0 = off)"))
+    if n > 0 and cfg.trainer.strategy in ("fsdp", "deepspeed"):
+        problems.append(Problem("distill.quant_aware_steps", n, f"the weights are rounded module by module, which "
+                                f"trainer.strategy={cfg.trainer.strategy} (sharded, flattened parameters) does not "
+                                "allow; use trainer.strategy=ddp or auto, or quant_aware_steps=0"))
+    if block < 16 or block & (block - 1):
+        problems.append(Problem("distill.quant_aware_block_size", block, "must be a power of 2, >= 16"))
+    elif n > 0 and "export" in cfg.pipeline.stages and "int4" in cfg.export.variants \
+            and block != cfg.export.int4_block_size:
+        problems.append(Problem("distill.quant_aware_block_size", block, "the student would train through other "
+                                f"weights than its int4 export writes (export.int4_block_size="
+                                f"{cfg.export.int4_block_size}); set both to the same size"))
     return problems
 
 
@@ -187,6 +209,9 @@ def train(cfg, d, teacher_dir: Path, student_dir: Path, splits, out: Path) -> di
                 ckpt_path=training.last_checkpoint(out))
     if not trainer.is_global_zero:  # other ranks only train; rank 0 writes the artifact
         return None
+    if quant_aware.bake(student):
+        say(f"  quantization-aware: the student's last {d.quant_aware_steps} steps trained through int4 weights "
+            f"(block {d.quant_aware_block_size}); saved rounded")
     student.config.use_cache = True
     student.save_pretrained(out / "model", safe_serialization=True)
     s_tok.save_pretrained(out / "model")

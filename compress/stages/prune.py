@@ -120,8 +120,11 @@ def _recovery_config(cfg, pruned: Path):
 
 def _recovery_schedule(cfg):
     """The `distill` loss settings with the recovery schedule. With the hidden-state term the teacher runs on
-    the fly (no top-K cache): a few recovery steps cost less than the pass that would keep its states."""
+    the fly (no top-K cache): a few recovery steps cost less than the pass that would keep its states. With
+    `distill.quant_aware_steps`, the last as many recovery steps (at most all) train through the int4 weights
+    again: the pruned student is rounded anew."""
     p, d = cfg.prune, cfg.distill
     return OmegaConf.merge(d, {"max_steps": p.recovery_steps, "lr": p.recovery_lr,
+                               "quant_aware_steps": min(d.quant_aware_steps, p.recovery_steps),
                                "warmup_steps": min(d.warmup_steps, p.recovery_steps // 10), "val_every": 0,
                                "topk_cache": 0 if d.hidden_weight > 0 else d.topk_cache})
