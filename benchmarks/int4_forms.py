@@ -2,10 +2,11 @@
 
 Reads a finished `export` stage folder (its fp32 graph `onnx/`, and `teacher-onnx-int8/` for the ratio)
 and writes, beside it in --work, the student's weights in these forms, each scored on the task's eval
-split (accuracy, paired difference to fp32 with a 95% interval) and timed (batch-1 greedy decode, the
+split (accuracy, paired difference to fp32 with its 95% bootstrap interval, compress.stats) and timed (batch-1 greedy decode, the
 export stage's loop, rounds interleaved):
 
-  int4          what `export` writes: MatMulNBits, 4 bits, symmetric round-to-nearest, blocks of 32
+  int4          what `export` writes (its own function and `export` settings): MatMulNBits, 4 bits,
+                symmetric round-to-nearest, blocks of 32
   int4-asym     the same with a zero point per block
   int4-hqq      half-quadratic quantization (onnxruntime's HQQ config): scales fitted to each block
   int8-nbits    MatMulNBits with 8 bits (same kernel family, every MatMul)
@@ -22,14 +23,12 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 import os
 import re
 import shutil
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 MATMUL = "MatMul"
@@ -90,13 +89,6 @@ def sensitivity(src: Path, work: Path, tok, prompts, names: list[str]) -> dict[s
     return out
 
 
-def paired_ci(a: list[int], b: list[int]) -> tuple[float, float, float]:
-    """Mean of a - b per example and its normal 95% interval."""
-    d = np.array(a, float) - np.array(b, float)
-    half = 1.96 * d.std(ddof=1) / math.sqrt(len(d)) if len(d) > 1 else float("nan")
-    return float(d.mean()), float(d.mean() - half), float(d.mean() + half)
-
-
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("export_dir", type=Path)
@@ -111,12 +103,13 @@ def main() -> int:
     from transformers import AutoTokenizer
 
     import onnx
-    from compress import ort
+    from compress import ort, stats
     from compress.cli import _quiet
     from compress.config import load_config
     from compress.data import load_splits
     from compress.evaluate import build_prompt, score_accuracy
     from compress.results import hardware
+    from compress.stages import export
 
     _quiet()
     logging.getLogger("onnxruntime.quantization").setLevel(logging.WARNING)  # a line per MatMul otherwise
@@ -130,7 +123,7 @@ def main() -> int:
     sens = sensitivity(src, work, tok, prompts, names)
     ranked = sorted(sens, key=sens.get, reverse=True)
     forms = {"fp32": src}
-    quantize(src, work / "int4", [(4, every)]); forms["int4"] = work / "int4"
+    export.quantize("int4", src, work / "int4", cfg.export); forms["int4"] = work / "int4"
     quantize(src, work / "int4-asym", [(4, every)], symmetric=False); forms["int4-asym"] = work / "int4-asym"
     quantize(src, work / "int4-hqq", [(4, every)], hqq=True); forms["int4-hqq"] = work / "int4-hqq"
     quantize(src, work / "int8-nbits", [(8, every)]); forms["int8-nbits"] = work / "int8-nbits"
@@ -159,7 +152,8 @@ def main() -> int:
     for col in ("form", "accuracy", "- fp32 [95% CI]", "decode tok/s", "x int8 teacher", "MB"):
         table.add_column(col, justify="right")
     for name, r in rows.items():
-        diff = paired_ci(r["per_example"], base)
+        drop, (low, high) = stats.drop_ci(base, r["per_example"])  # paired bootstrap, as the report's
+        diff = (0.0 - drop, 0.0 - high, 0.0 - low)  # 0.0 - x: no "-0.000" for an equal form
         tok_s = sum(speeds[name]) / len(speeds[name])
         r.update(minus_fp32=diff, decode_tok_s=speeds[name], vs_teacher_int8=tok_s / t_int8 if t_int8 else None)
         table.add_row(name, f"{r['accuracy']:.3f}", f"{diff[0]:+.3f} [{diff[1]:+.3f}, {diff[2]:+.3f}]",

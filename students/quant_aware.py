@@ -1,7 +1,7 @@
 """Quantization-aware distillation: the student trains through the weights its int4 export will hold.
 
-`attach` puts a straight-through rounding on the weight of every Linear of the decoder (the output head
-and the embeddings are left alone): the forward pass computes with each weight as onnxruntime's
+`attach` puts a straight-through rounding on the weight of every Linear of the decoder and on the output
+head (see `attach` for a frozen or tied head): the forward pass computes with each weight as onnxruntime's
 MatMulNBits quantizer stores it (symmetric, 4 bits, blocks along the input), the backward pass hands the
 gradient to the unrounded weight unchanged. `bake` writes the rounded weights into the model, so its
 int4 export rounds every such weight to itself.
