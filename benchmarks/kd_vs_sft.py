@@ -64,7 +64,10 @@ def teacher_run(overrides: list[str], root: Path, name: str):
     from compress.config import given_keys, load_config
     from compress.pipeline import preflight, run_pipeline
 
-    cfg = load_config(overrides + ["pipeline=full", f"run.root={root}", f"run.name={name}"])
+    # the variants compare training signals in full precision (the int4 rounding of the default preset's
+    # last steps is the export's concern); an override given on the command line still wins
+    cfg = load_config(["distill.quant_aware_steps=0"] + overrides + ["pipeline=full", f"run.root={root}",
+                                                                     f"run.name={name}"])
     preflight(cfg, given_keys(overrides))
     cfg.pipeline.stages = ["evaluate", "finetune_teacher"]
     run = run_pipeline(cfg)

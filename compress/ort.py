@@ -58,24 +58,82 @@ class OnnxLM:
     vocab: int
     positions: bool = True
     """Whether the graph takes `position_ids` (the builder's graphs and optimum's Gemma-2 compute them)."""
+    gathers: bool = False
+    """Whether the graph takes `logits_positions` (`gathered_graph`): logits only at those positions."""
 
     @classmethod
-    def open(cls, folder: Path, threads: int | None = None, graph_level: str = "all") -> "OnnxLM":
-        sess = session(Path(folder) / "model.onnx", threads, graph_level)
+    def open(cls, folder: Path, threads: int | None = None, graph_level: str = "all",
+             gather: bool = False) -> "OnnxLM":
+        """The folder's model.onnx; with `gather`, its `gathered_graph` for scoring (the same graph when its
+        output head is not found), never for latency: the folder deploys the graph as it is."""
+        graph = gathered_graph(Path(folder) / "model.onnx") if gather else None
+        sess = session(graph.SerializeToString() if graph else Path(folder) / "model.onnx", threads, graph_level,
+                       Path(folder) if graph else None)
         past = [i for i in sess.get_inputs() if i.name.startswith("past_key_values.")]
         if not past:
             raise CompressError(Problem("model", str(folder), "this ONNX graph has no KV-cache inputs; export it "
                                         "with task text-generation-with-past"))
         vocab = next(o for o in sess.get_outputs() if o.name == "logits").shape[-1]
         return cls(sess, [p.name for p in past], int(past[0].shape[1]), int(past[0].shape[3]), int(vocab),
-                   any(i.name == "position_ids" for i in sess.get_inputs()))
+                   any(i.name == "position_ids" for i in sess.get_inputs()), graph is not None)
 
     def empty_past(self, batch: int) -> dict[str, np.ndarray]:
         return {n: np.zeros((batch, self.kv_heads, 0, self.head_dim), np.float32) for n in self.past_names}
 
 
+POSITIONS = "logits_positions"
+HEAD_OPS = ("MatMul", "MatMulInteger", "MatMulNBits")
+"""What computes the output head in an exported graph (fp32, dynamic int8, int4)."""
+PER_POSITION_OPS = ("Cast", "Mul", "Add", "Sub", "Div", "Tanh")
+"""What may follow the head before `logits` (int8 rescaling, a bias, final-logit soft-capping)."""
+
+
+def gathered_graph(path: Path):
+    """The graph at `path` (weights left in their external files) with one more input, `logits_positions`
+    (K,) int64: the output head's activation is gathered at those sequence positions, (B, T, H) -> (B, K, H),
+    so `logits` come out (B, K, V) and the head runs at K positions instead of T. Scoring reads one or two
+    positions per prompt, and the head (576 x 49,152 for SmolLM2) is a fifth of the teacher's forward and
+    two fifths of a 10-layer student's. The gather sits right before the head's MatMul, after any dynamic
+    quantization of its input (whose scale still spans the whole batch), so the kept logits are the full
+    graph's. None when no head is found behind `logits` (then the full graph scores)."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    g = model.graph
+    made = {o: n for n in g.node for o in n.output}
+
+    def heads(name: str, chain: set) -> list:  # the head nodes behind `name` through per-position ops
+        node = made.get(name)
+        if node is None or node.op_type not in HEAD_OPS + PER_POSITION_OPS:
+            return []
+        chain.add(name)
+        if node.op_type in HEAD_OPS:
+            return [node]
+        return [h for i in node.input if i for h in heads(i, chain)]  # int8's rescale: a scale branch ends empty
+
+    chain: set = set()
+    found = heads("logits", chain)
+    if len(found) != 1 or any(i.name == POSITIONS for i in g.input):
+        return None
+    node = found[0]
+    picked = f"{node.input[0]}/at_{POSITIONS}"
+    g.input.append(onnx.helper.make_tensor_value_info(POSITIONS, onnx.TensorProto.INT64, ["positions"]))
+    at = list(g.node).index(node)
+    g.node.insert(at, onnx.helper.make_node("Gather", [node.input[0], POSITIONS], [picked], axis=1,
+                                            name=f"/gather_{POSITIONS}"))
+    node.input[0] = picked
+    kept = [v for v in g.value_info if v.name not in chain]  # shapes along the head now have K positions
+    del g.value_info[:]
+    g.value_info.extend(kept)
+    dims = next(o for o in g.output if o.name == "logits").type.tensor_type.shape.dim
+    if len(dims) == 3:
+        dims[1].dim_param = "positions"
+    return model
+
+
 def logits_fn(lm: OnnxLM):
-    """A compress.evaluate.LogitsFn over the session: one forward with an empty cache."""
+    """A compress.evaluate.LogitsFn over the session: one forward with an empty cache (the head only at
+    `positions` when the graph gathers)."""
 
     def logits(input_ids: torch.Tensor, attention_mask: torch.Tensor, positions=None) -> torch.Tensor:
         ids = input_ids.cpu().numpy().astype(np.int64)  # (B, T)
@@ -84,6 +142,9 @@ def logits_fn(lm: OnnxLM):
         feed = {"input_ids": ids, "attention_mask": mask, **lm.empty_past(ids.shape[0])}
         if lm.positions:
             feed["position_ids"] = pos
+        if lm.gathers:
+            feed[POSITIONS] = np.asarray(range(ids.shape[1]) if positions is None else positions, np.int64)
+            return torch.from_numpy(lm.sess.run(["logits"], feed)[0])  # (B, K, V)
         out = lm.sess.run(["logits"], feed)[0]  # (B, T, V)
         return torch.from_numpy(out if positions is None else out[:, positions])  # (B, K, V)
 
@@ -98,7 +159,9 @@ def generate_fn(lm: OnnxLM, eos: list[int]):
     def run(ids: np.ndarray, mask: np.ndarray, positions: np.ndarray, past: dict) -> tuple:
         feed = {"input_ids": ids, "attention_mask": mask, **past, **({"position_ids": positions} if lm.positions
                                                                       else {})}
-        logits, *kv = lm.sess.run(present, feed)  # (1, T, V), L x (1, H, P + T, D)
+        if lm.gathers:  # greedy reads the last position only
+            feed[POSITIONS] = np.array([ids.shape[1] - 1], np.int64)
+        logits, *kv = lm.sess.run(present, feed)  # (1, T or 1, V), L x (1, H, P + T, D)
         return logits, dict(zip(lm.past_names, kv))
 
     def generate(prompts: list[list[int]], max_new_tokens: int, stop) -> list[list[int]]:

@@ -43,12 +43,16 @@ DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
 GRAPH_LEVELS = ("disable", "basic", "extended", "all")
 
 
-def session(model_path: Path, threads: int | None = None, graph_level: str = "all"):
+def session(model_path: Path | bytes, threads: int | None = None, graph_level: str = "all",
+            data_folder: Path | None = None):
     """An onnxruntime InferenceSession on the CPU with the given intra-op threads and graph optimization level
-    (compress.ort measures with the same sessions)."""
+    (compress.ort measures with the same sessions). A graph given as bytes reads its external weights from
+    `data_folder`."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
+    if data_folder is not None:
+        opts.add_session_config_entry("session.model_external_initializers_file_folder_path", str(data_folder))
     if threads:
         opts.intra_op_num_threads = threads
     opts.inter_op_num_threads = 1
@@ -56,7 +60,8 @@ def session(model_path: Path, threads: int | None = None, graph_level: str = "al
         "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL, "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
         "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED, "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
     }[graph_level]
-    return ort.InferenceSession(str(model_path), opts, providers=["CPUExecutionProvider"])
+    model = model_path if isinstance(model_path, bytes) else str(model_path)
+    return ort.InferenceSession(model, opts, providers=["CPUExecutionProvider"])
 
 
 class BadInput(ValueError):

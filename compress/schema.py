@@ -84,8 +84,10 @@ class LoraSettings:
     """Rank of the update matrices."""
     alpha: int = 32
     """Scaling numerator: the update is scaled by alpha / r."""
-    dropout: float = 0.05
-    """Dropout on the adapter's input."""
+    dropout: float = 0.0
+    """Dropout on the adapter's input. Off by default: on a CPU the dropout masks (a Bernoulli draw on the
+    input of each of the 210 adapters of SmolLM2-135M) took half of a QLoRA step: 100 steps ran 2:48 without
+    them against 5:59 with 0.05, and the fine-tuned teacher scored 0.848 against 0.846 (one run each)."""
     target_modules: Optional[List[str]] = None
     """Module names to adapt; None means every linear projection of the architecture."""
 
@@ -309,6 +311,10 @@ class DistillConfig(OptimConfig):
     tokens then have no hidden-state term): training never runs the teacher."""
     pseudo_max_new_tokens: int = 32
     """Token limit of the teacher's greedy pseudo-label for tasks without verbalizers (data=text)."""
+    pseudo_batch_size: int = 32
+    """Prompts per teacher forward in the pseudo-labelling pass (its top-K and hidden states come from the
+    same forwards). The pass runs no backward, so it takes larger batches than training: on 2 cores 32 ran
+    1.25x faster than 8 (the default teacher, 400 reviews)."""
     on_policy_ratio: float = 0.0
     """Fraction of training batches, in [0, 1], on which the student writes each answer itself (sampled at
     `on_policy_temperature`, as many tokens as the teacher's answer) and the soft term is the divergence to
@@ -320,7 +326,9 @@ class DistillConfig(OptimConfig):
     """Quantization-aware distillation: the last N steps train through the int4 weights the export will
     write. Every Linear of the student's decoder computes with its weight rounded as the export's int4
     variant (MatMulNBits, symmetric) rounds it, the gradient passes straight through, and the saved student
-    holds the rounded weights, so its int4 form loses nothing more in those weights. 0 = off."""
+    holds the rounded weights, so its int4 form loses nothing more in those weights. 0 = off; more than
+    `max_steps` rounds every step. The default preset rounds the last 100 of its 450: the 10-layer student's
+    int4 form lost 0.020 to its PyTorch score in one run without them (0.786 against 0.806)."""
     quant_aware_block_size: int = 32
     """Inputs per rounding block of `quant_aware_steps` (a power of 2, >= 16); must equal
     `export.int4_block_size` when the export stage runs."""

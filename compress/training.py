@@ -6,6 +6,7 @@ import logging
 import math
 import random
 import zipfile
+from contextlib import contextmanager
 from pathlib import Path
 
 import lightning as L
@@ -177,6 +178,32 @@ def precision(tcfg, cpu_bf16: bool = False) -> str:
 def cpu_has_bf16() -> bool:
     """Whether this CPU multiplies bf16 natively; elsewhere bf16 autocast is emulated and slower than fp32."""
     return any(getattr(torch.cpu, f, lambda: False)() for f in ("_is_amx_tile_supported", "_is_avx512_bf16_supported"))
+
+
+@contextmanager
+def cast_weights(model, dtype: torch.dtype | None):
+    """Run a block with the model's floating-point weights and buffers in `dtype` (None: as they are), then
+    cast them back. Back, every norm, bias, embedding (and head tied to it) and buffer holds its own values
+    again; the other Linear weights hold their `dtype` values, which is what autocast in that dtype
+    multiplies with anyway. A bf16 forward this way skips autocast's cast of every activation."""
+    if dtype is None:
+        yield
+        return
+    embedded = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
+    rounded = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Linear)} - embedded
+    params = {n: p for n, p in model.named_parameters() if p.is_floating_point()}
+    kept = {n: p.detach().clone() for n, p in params.items() if id(p) not in rounded}
+    dtypes = {n: p.dtype for n, p in params.items()}
+    buffers = {n: b.detach().clone() for n, b in model.named_buffers() if b.is_floating_point()}
+    model.to(dtype)
+    try:
+        yield
+    finally:
+        for n, p in params.items():
+            p.data = kept[n] if n in kept else p.data.to(dtypes[n])
+        for n, b in buffers.items():
+            owner, _, leaf = n.rpartition(".")
+            setattr(model.get_submodule(owner), leaf, b)
 
 
 def train_attention(model, model_cfg, trainer) -> None:

@@ -253,7 +253,7 @@ def teacher_answers(teacher, tok, examples: list[Example], splits, cfg, soft_k: 
         prompts = [build_prompt(tok, e.text, cfg.data) for e in examples]
         gen_fn = torch_generate_fn(teacher, tok.pad_token_id, eos_ids(tok, teacher.generation_config))
         answers = generate_greedy(gen_fn, tok, prompts, chat, cfg.distill.pseudo_max_new_tokens,
-                                  cfg.eval.batch_size, "teacher: pseudo-labels (answers)")
+                                  cfg.distill.pseudo_batch_size, "teacher: pseudo-labels (answers)")
         return [a + ANSWER_END for a in answers], None, None
     if splits.labelled:
         # labels are hidden: scored as an eval split whose accuracy is not read
@@ -270,7 +270,7 @@ def teacher_answers(teacher, tok, examples: list[Example], splits, cfg, soft_k: 
                 n = last["lengths"][b]
                 seen[i] = (last["ids"][b, :n].clone(), last["hidden"][b, :n].clone())
 
-        preds = score_accuracy(logits_fn, tok, unl, cfg.data, cfg.eval.batch_size,
+        preds = score_accuracy(logits_fn, tok, unl, cfg.data, cfg.distill.pseudo_batch_size,
                                "teacher: pseudo-labels", on_rows=keep if soft_k else None)["predictions"]
         answers = [splits.continuations(e)[p] for e, p in zip(examples, preds)]
         if not soft_k:

@@ -118,6 +118,27 @@ def test_onnx_accuracy_matches_pytorch_on_the_same_model(exported):
     assert onnx_fp32["perplexity"] == pytest.approx(torch_student["perplexity"], rel=1e-4)
 
 
+@pytest.mark.parametrize("folder", ["onnx", "onnx-int8", "onnx-int4", "teacher-onnx-int8"])
+def test_scoring_graph_gives_the_full_graphs_logits_at_the_positions_asked(exported, folder):
+    """`ort.gathered_graph`: the head runs only at the positions scoring reads (after int8's dynamic quantization
+    of its input), and those logits, and greedy tokens through it, are the deployed graph's."""
+    from compress import ort
+    from compress.evaluate import pad
+
+    path = exported[0] / "01_export" / folder
+    full, scorer = ort.OnnxLM.open(path, 1), ort.OnnxLM.open(path, 1, gather=True)
+    assert scorer.gathers and not full.gathers
+    ids, mask = pad([list(range(30, 52)), list(range(60, 71)), list(range(5, 22))], 0)  # (3, 22), right-padded
+    positions = [3, 10, 16, 21]
+    want = ort.logits_fn(full)(ids, mask, positions)  # (3, 4, V)
+    got = ort.logits_fn(scorer)(ids, mask, positions)
+    assert got.shape == want.shape and torch.allclose(got, want, atol=1e-5, rtol=1e-5)
+    assert torch.allclose(ort.logits_fn(scorer)(ids, mask), ort.logits_fn(full)(ids, mask), atol=1e-5, rtol=1e-5)
+    prompts, never = [list(range(40, 60)), list(range(7, 12))], lambda new: False
+    assert ort.generate_fn(scorer, [])(prompts, 10, never) == ort.generate_fn(full, [])(prompts, 10, never)
+    assert (path / "model.onnx").read_bytes().count(ort.POSITIONS.encode()) == 0  # the folder keeps its graph
+
+
 def test_lean_decoder_and_optimum_generate_like_pytorch(exported):
     """Greedy tokens from PyTorch, from the IO-binding loop on the builder's graph (no position_ids: positions come
     from the mask), and on optimum's graph (`export.exporter=optimum`) both through the loop and through
@@ -139,6 +160,7 @@ def test_lean_decoder_and_optimum_generate_like_pytorch(exported):
     pt = AutoModelForCausalLM.from_pretrained(source).generate(ids, attention_mask=torch.ones_like(ids),
                                                                max_new_tokens=12, do_sample=False)[0, 20:].tolist()
     assert not ort.OnnxLM.open(built, 1).positions and ort.OnnxLM.open(optimum, 1).positions
+    assert ort.OnnxLM.open(built, 1, gather=True).gathers and ort.OnnxLM.open(optimum, 1, gather=True).gathers
     lean_built, _, _ = ort.Decoder(ort.OnnxLM.open(built, 1), 40).generate(prompt, 12)
     lean_optimum, _, _ = ort.Decoder(ort.OnnxLM.open(optimum, 1), 40).generate(prompt, 12)
     onnx = ORTModelForCausalLM.from_pretrained(optimum).generate(ids, attention_mask=torch.ones_like(ids),

@@ -20,7 +20,7 @@ KILL = COMMON + ["pipeline.stages=[evaluate,distill]", "distill=quick", "distill
 STAGES = {  # stage: (overrides, the trained weights it saves)
     "distill": (KILL, "model/model.safetensors"),
     "finetune_teacher": (COMMON + ["pipeline.stages=[evaluate,finetune_teacher]", "finetune=quick",
-                                   "finetune.max_steps=40", "teacher.method=lora"],
+                                   "finetune.max_steps=40", "teacher.method=lora", "teacher.lora.dropout=0.1"],
                          "adapter/adapter_model.safetensors"),  # LoRA dropout: the RNG state must resume too
 }
 

@@ -519,3 +519,65 @@ def test_training_attention_is_eager_under_bf16_on_a_cpu_only(tiny_cfg, tmp_path
     model.set_attn_implementation("eager")
     model.save_pretrained(tmp_path / "saved")
     assert "attn_implementation" not in (tmp_path / "saved" / "config.json").read_text()
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma2", "phi3"])
+def test_answer_loss_equals_the_full_logits_loss_in_float64(tiny_cfg, family):
+    """The head only at answer-predicting positions gives transformers' `labels` loss and its gradients
+    (rows whose answers sit at different positions; Gemma-2's final-logit soft-capping kept)."""
+    from transformers import AutoModelForCausalLM
+
+    from compress import training
+
+    folder = loading.build_random(tiny_cfg.teacher.random, family)
+    model = AutoModelForCausalLM.from_pretrained(folder, torch_dtype=torch.float64, attn_implementation="eager")
+    if family == "gemma2":
+        model.config.final_logit_softcapping = 5.0
+    g = torch.Generator().manual_seed(0)
+    items = [{"input_ids": torch.randint(3, 200, (n,), generator=g), "kind": 0,
+              "answer_mask": torch.arange(n) >= n - a} for n, a in [(9, 2), (14, 1), (6, 3)]]
+    batch = training.collate(0)(items)
+
+    def full():
+        return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                     labels=batch["labels"]).loss
+
+    def grads(loss):
+        model.zero_grad()
+        loss.backward()
+        return [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+    assert torch.allclose(finetune.answer_loss(model, batch), full(), rtol=0, atol=1e-12)
+    for a, b in zip(grads(finetune.answer_loss(model, batch)), grads(full()), strict=True):
+        assert torch.allclose(a, b, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_cast_weights_restores_all_but_the_rounding_autocast_does_anyway(tiny_cfg, tied):
+    """The bf16 pseudo-labelling pass casts the teacher, and casts it back: norms, embeddings (a head tied to
+    them too) and buffers come back bit for bit; the other Linear weights come back bf16-rounded, so bf16
+    autocast computes exactly what it did before."""
+    from transformers import AutoModelForCausalLM
+
+    from compress import training
+
+    model = AutoModelForCausalLM.from_pretrained(loading.build_random(tiny_cfg.teacher.random),
+                                                 tie_word_embeddings=tied)
+    before = {**{n: p.detach().clone() for n, p in model.named_parameters()},
+              **{n: b.clone() for n, b in model.named_buffers()}}
+    ids = torch.randint(3, 200, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        want = model(input_ids=ids).logits
+    with training.cast_weights(model, torch.bfloat16):
+        assert all(p.dtype == torch.bfloat16 for p in model.parameters())
+        model(input_ids=ids)
+    linear = {n + ".weight" for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    after = {**dict(model.named_parameters()), **dict(model.named_buffers())}
+    assert after.keys() == before.keys()
+    for n, t in after.items():
+        assert t.dtype == before[n].dtype, n
+        kept = before[n].to(torch.bfloat16).float() if n in linear and not (tied and "lm_head" in n) else before[n]
+        assert torch.equal(t, kept), n
+    assert model.get_output_embeddings().weight is model.get_input_embeddings().weight or not tied
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.equal(model(input_ids=ids).logits, want)

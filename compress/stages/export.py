@@ -24,7 +24,6 @@ import json
 import logging
 import shutil
 import time
-from functools import partial
 from importlib import metadata
 from pathlib import Path
 
@@ -367,21 +366,32 @@ def quantize(variant: str, src: Path, dest: Path, e) -> None:
 # --------------------------------------------------------------------------- evaluation
 
 
+def timing_prompt(tok, splits, cfg) -> list[int]:
+    """The held-out prompt every latency of the run is timed on (compress.evaluate.latency_prompt)."""
+    blocks = perplexity_blocks(tok, splits.perplexity, cfg.eval.perplexity_blocks, cfg.eval.perplexity_block_tokens)
+    return latency_prompt(tok, blocks, cfg.eval.prefill_tokens)
+
+
 def _torch_latency(model, tok, splits, cfg) -> dict:
     """PyTorch fp32 prefill and decode of the same model, measured here for the speed ratios."""
-    blocks = perplexity_blocks(tok, splits.perplexity, cfg.eval.perplexity_blocks, cfg.eval.perplexity_block_tokens)
-    prompt = latency_prompt(tok, blocks, cfg.eval.prefill_tokens)
-    return measure_latency(model, prompt, cfg.eval.decode_tokens, cfg.eval.warmup_runs, cfg.eval.latency_runs)
+    return measure_latency(model, timing_prompt(tok, splits, cfg), cfg.eval.decode_tokens,
+                           cfg.eval.warmup_runs, cfg.eval.latency_runs)
 
 
 def evaluate_onnx(folder: Path, tok, splits, cfg, reference, name: str, threads: int) -> dict:
-    """Accuracy, agreement, perplexity and latency through an onnxruntime session, plus memory and size."""
+    """Accuracy, agreement, perplexity and latency through onnxruntime sessions, plus memory and size: scored
+    with the head only where scoring reads it (`ort.gathered_graph`), timed on the folder's graph as deployed."""
     t0 = time.perf_counter()
     with peak_memory(torch.device("cpu")) as mem:
-        lm = ort.OnnxLM.open(folder, threads, cfg.export.graph_optimization)
-        record = evaluate_fns(ort.logits_fn(lm), partial(ort.measure_latency, lm), tok, splits, cfg.data, cfg.eval, reference, name,
-                              ort.generate_fn(lm, eos_ids(tok, model_eos(folder))))
-        del lm
+        scorer = ort.OnnxLM.open(folder, threads, cfg.export.graph_optimization, gather=True)
+        record = evaluate_fns(ort.logits_fn(scorer), None, tok, splits, cfg.data, cfg.eval, reference, name,
+                              ort.generate_fn(scorer, eos_ids(tok, model_eos(folder))))
+        del scorer
+        if cfg.eval.latency:
+            lm = ort.OnnxLM.open(folder, threads, cfg.export.graph_optimization)
+            record.update(ort.measure_latency(lm, timing_prompt(tok, splits, cfg), cfg.eval.decode_tokens,
+                                              cfg.eval.warmup_runs, cfg.eval.latency_runs))
+            del lm
     record.update(peak_mem_mb=mem["peak_mem_mb"], size_mb=weights_size_mb(folder), eval_s=time.perf_counter() - t0)
     return record
 
