@@ -135,3 +135,21 @@ def test_int4_forms_scores_and_times_each_low_bit_form_of_an_export(tmp_path):
     assert set(res["forms"]) == {"fp32", "int4", "int4-asym", "int4-hqq", "int8-nbits", "mixed-1"}
     assert res["forms"]["fp32"]["minus_fp32"][0] == 0 and len(res["teacher_int8_tok_s"]) == 1
     assert res["ranked"][0] in res["sensitivity"] and all(v >= -1e-6 for v in res["sensitivity"].values())
+
+
+def test_eval_cost_times_full_and_gathered_scoring_and_the_teachers_pass(tmp_path):
+    from conftest import cli
+
+    quick = [*TINY, "finetune=quick", "distill=quick"]
+    proc = cli("run", *quick, f"run.root={tmp_path}", "run.name=C")
+    assert proc.returncode == 0, proc.stderr
+    out = tmp_path / "cost.json"
+    proc = _script("eval_cost.py", str(tmp_path / "C"), *quick, "--examples", "16", "--reviews", "16", "--rounds", "1",
+                   "--out", str(out))
+    assert proc.returncode == 0, proc.stderr
+    res = json.loads(out.read_text())
+    assert {"onnx", "onnx-int8", "onnx-int4", "teacher-onnx", "teacher-onnx-int8"} == set(res["scoring"])
+    assert all(r["accuracy"]["full"] == r["accuracy"]["gathered"] and r["speedup"] > 0 for r in res["scoring"].values())
+    assert set(res["pseudo_label_pass"]) == {"autocast, batch 8", "autocast, batch 32", "bf16 weights, batch 32"}
+    assert all(0 <= r["labels_equal_fp32"] <= 16 for r in res["pseudo_label_pass"].values())
+    assert len(res["load_average_start"]) == 3
